@@ -1,0 +1,152 @@
+# qedfuse build/test scaffolding.  Run `make` for the list of targets.
+#
+# Every target is idempotent: `deps` does no apt work when the packages are
+# already installed, and `venv` is rebuilt only when pyproject.toml changes.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+.DELETE_ON_ERROR:
+
+PYTHON     ?= python3
+VENV       := .venv
+VENV_BIN   := $(VENV)/bin
+VENV_STAMP := $(VENV)/.qedfuse-installed
+QEDFUSE    := $(VENV_BIN)/qedfuse
+
+# Debian packages needed to build pyfuse3 and to run the full test suite.
+DEB_PKGS := fuse3 libfuse3-dev pkg-config qemu-utils qemu-system-common fio e2fsprogs \
+            python3-dev systemd psmisc util-linux gcc
+
+# Lint only the directories that exist (bench/ and tests/ may not yet).
+LINT_DIRS := $(wildcard qedfuse tests bench)
+
+# `make run IMAGE=path.qed`; without IMAGE, demo.qed (created on first use).
+IMAGE ?=
+DEMO_IMAGE := demo.qed
+DEMO_SIZE  := 1G
+MNT        := mnt
+
+# Extra arguments passed through to pytest / the benchmark.
+PYTEST_ARGS ?=
+BENCH_ARGS  ?=
+
+# In CI a missing tool or /dev/fuse must fail the run, not skip (tests/support.py).
+ifeq ($(CI),true)
+export QEDFUSE_REQUIRE_TOOLS := 1
+endif
+
+SYSTEMD_UNITS := $(wildcard systemd/*.service systemd/*.mount)
+
+.PHONY: help deps venv lint test run install bench clean
+
+help:
+	@echo "qedfuse make targets:"
+	@echo "  make deps     install the Debian packages (as root; no-op when all are present)"
+	@echo "  make venv     create .venv and pip install -e '.[test]' (builds pyfuse3 from source)"
+	@echo "  make lint     ruff check, ruff format --check, mypy --strict"
+	@echo "  make test     deps + venv + lint + pytest   (PYTEST_ARGS='-k engine' passes through)"
+	@echo "  make run      mount IMAGE (default: $(DEMO_IMAGE), created if missing) at ./$(MNT)"
+	@echo "  make install  symlink /usr/local/bin/qedfuse -> .venv, install systemd units if any"
+	@echo "  make bench    run the benchmarks: .venv/bin/python -m bench (BENCH_ARGS passes through)"
+	@echo "  make clean    remove .venv, build artefacts and caches (keeps $(DEMO_IMAGE))"
+
+# --------------------------------------------------------------------------- deps
+deps:
+	@missing=(); \
+	for p in $(DEB_PKGS); do \
+	  st=$$(dpkg-query -W -f='$${Status}' "$$p" 2>/dev/null || true); \
+	  [ "$$st" = 'install ok installed' ] || missing+=("$$p"); \
+	done; \
+	if [ $${#missing[@]} -eq 0 ]; then \
+	  echo "deps: all Debian packages present"; exit 0; \
+	fi; \
+	echo "deps: missing Debian packages: $${missing[*]}"; \
+	if [ "$$(id -u)" -ne 0 ]; then \
+	  echo "deps: not root; run:" >&2; \
+	  echo "  sudo apt-get update && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y $${missing[*]}" >&2; \
+	  exit 1; \
+	fi; \
+	export DEBIAN_FRONTEND=noninteractive; \
+	apt-get -o DPkg::Lock::Timeout=600 update; \
+	apt-get -o DPkg::Lock::Timeout=600 install -y "$${missing[@]}"
+
+# --------------------------------------------------------------------------- venv
+venv: $(VENV_STAMP)
+
+# deps is order-only: it is checked every time but never forces a reinstall.
+$(VENV_STAMP): pyproject.toml | deps
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+	  || { echo "venv: $(PYTHON) is older than 3.11; set PYTHON=python3.11" >&2; exit 1; }
+	[ -x $(VENV_BIN)/python ] && $(VENV_BIN)/python -c '' 2>/dev/null \
+	  || { rm -rf $(VENV); $(PYTHON) -m venv $(VENV); }
+	$(VENV_BIN)/python -m pip install --quiet --upgrade pip
+	$(VENV_BIN)/python -m pip install --quiet -e '.[test]'
+	@touch $@
+
+# --------------------------------------------------------------------------- lint
+lint: venv
+	$(VENV_BIN)/ruff check $(LINT_DIRS)
+	$(VENV_BIN)/ruff format --check $(LINT_DIRS)
+	$(VENV_BIN)/mypy
+
+# --------------------------------------------------------------------------- test
+test: deps venv lint
+	@rc=0; $(VENV_BIN)/pytest $(PYTEST_ARGS) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "test: pytest collected no tests; treating that as a failure" >&2; fi; \
+	exit $$rc
+
+# --------------------------------------------------------------------------- run
+run: deps venv
+	@image='$(IMAGE)'; \
+	if [ -z "$$image" ]; then \
+	  image='$(DEMO_IMAGE)'; \
+	  if [ ! -e "$$image" ]; then \
+	    echo "run: creating $$image ($(DEMO_SIZE))"; \
+	    $(QEDFUSE) create "$$image" $(DEMO_SIZE); \
+	  fi; \
+	fi; \
+	[ -f "$$image" ] || { echo "run: image '$$image' not found" >&2; exit 1; }; \
+	mkdir -p '$(MNT)'; \
+	mnt_abs=$$(realpath -s '$(MNT)'); \
+	if awk -v m="$$mnt_abs" '$$2 == m { found = 1 } END { exit !found }' /proc/self/mounts; then \
+	  if stat "$$mnt_abs/" >/dev/null 2>&1; then \
+	    echo "run: $$mnt_abs is already mounted ($$(findmnt -rn -o SOURCE --mountpoint "$$mnt_abs" | head -1)); not remounting"; \
+	  else \
+	    echo "run: $$mnt_abs is a stale mount (daemon gone); clean it up with: fusermount3 -u $$mnt_abs" >&2; \
+	    exit 1; \
+	  fi; \
+	else \
+	  $(QEDFUSE) mount "$$image" '$(MNT)'; \
+	fi; \
+	stem=$$(basename "$$image"); stem=$${stem%.*}; \
+	raw="$$mnt_abs/$$stem.raw"; \
+	[ -e "$$raw" ] || echo "run: warning: $$raw does not exist (is another image mounted there?)" >&2; \
+	echo; \
+	echo "raw disk:   $$raw"; \
+	echo "unmount:    $(QEDFUSE) umount --wait ./$(MNT)"
+
+# --------------------------------------------------------------------------- install
+install: venv
+	@if [ "$$(id -u)" -ne 0 ]; then echo "install: must be root; run: sudo make install" >&2; exit 1; fi
+	ln -sfn '$(abspath $(QEDFUSE))' /usr/local/bin/qedfuse
+ifneq ($(SYSTEMD_UNITS),)
+	install -m 0644 $(SYSTEMD_UNITS) /etc/systemd/system/
+	@if [ "$$(cat /proc/1/comm 2>/dev/null)" = systemd ]; then \
+	  systemctl daemon-reload; \
+	else \
+	  echo "install: systemd is not PID 1 here; skipped systemctl daemon-reload"; \
+	fi
+endif
+	@echo "install: /usr/local/bin/qedfuse -> $(abspath $(QEDFUSE))"
+
+# --------------------------------------------------------------------------- bench
+bench: deps venv
+	@[ -d bench ] || { echo "bench: no bench/ directory yet" >&2; exit 1; }
+	$(VENV_BIN)/python -m bench $(BENCH_ARGS)
+
+# --------------------------------------------------------------------------- clean
+clean:
+	rm -rf $(VENV) build dist .mypy_cache .ruff_cache .pytest_cache .hypothesis bench/results/tmp
+	rm -rf *.egg-info
+	find . -path ./.git -prune -o -type d -name __pycache__ -exec rm -rf {} +
