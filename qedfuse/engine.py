@@ -1,0 +1,909 @@
+"""The async cluster-mapping engine: :class:`QedImage`.
+
+Reads and writes guest byte ranges of a QED image through an in-memory L1 table and a
+bounded cache of L2 tables.  All file access goes through a :class:`~qedfuse.imagefile.BlockFile`.
+
+Durability protocol (the project's design, stricter than QEMU's write-through order)
+------------------------------------------------------------------------------------
+* Metadata is cached.  An allocating write appends data clusters at the allocator's end of
+  file, writes the data (with the copy-on-write fill), then changes the cached L2 entry (and,
+  for a new L2 table, the cached L1 entry).  Nothing metadata is written through.
+* Before the first metadata change after a clean state, NEED_CHECK is set in the header and
+  made durable (64-byte struct write + ``fdatasync``).  Bytes after the struct are never
+  rewritten, so unknown extra header data survives.
+* :meth:`QedImage.flush` is the ordered flush:
+    1. ``fdatasync`` (all data, including clusters appended by allocating writes);
+    2. write every dirty L2 table (whole if new, else its dirty 4 KiB pages), ``fdatasync``;
+    3. write the dirty 4 KiB pages of L1, ``fdatasync``;
+    4. clear NEED_CHECK in the header, ``fdatasync``.
+* Metadata therefore never reaches the disk before the data it points to, and a clear
+  NEED_CHECK on disk means every metadata change has been flushed.
+
+Crash states
+~~~~~~~~~~~~
+===========================  ======================================================
+crash …                      leaves on disk; what the next read-write open does
+===========================  ======================================================
+before NEED_CHECK is durable  clean image; appended clusters (if any) are leaks
+before step 2 completes       NEED_CHECK set; L2 writes may be partial → check zeroes
+                              invalid entries; new data is unreferenced (leaks)
+before step 3 completes       NEED_CHECK set; new L2 tables unreferenced (leaks)
+before step 4 completes       NEED_CHECK set, metadata complete → check finds leaks only
+after step 4                  clean image
+===========================  ======================================================
+
+Concurrency
+~~~~~~~~~~~
+One ``trio.Lock`` (the allocation lock) serialises every metadata change: allocating
+writes (re-looking-up their range once they hold it, so two writers of the same unallocated
+cluster never both allocate), the flush (which therefore never writes an L2/L1 state whose
+data its step 1 did not cover), resize, and the NEED_CHECK transition.  Reads and in-place
+writes to allocated clusters take no lock.  L2 loads are de-duplicated per table offset, and a
+table is updated only with no checkpoint between fetching it from the cache and changing it,
+so an evicted clean copy can never swallow an update.  A dirty table is never evicted; when
+dirty tables exceed the cache budget, the next allocating write runs a flush.
+
+Safety
+~~~~~~
+Every L1 entry is validated at open and every L2 table when it is loaded: an entry that is
+misaligned, inside the header, past the end of the file, or pointing into the header, L1 or
+any L2 table is *bad*; guest I/O touching it fails with :class:`CorruptionError` (EIO) and is
+never written through.  A failed flush puts the engine in failsafe: the cached metadata is
+dropped and re-read from disk (so reads show what a fresh open would), NEED_CHECK stays set,
+and further writes fail with EIO.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from array import array
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+import trio
+
+from qedfuse import format as fmt
+from qedfuse.errors import (
+    CorruptionError,
+    FailsafeError,
+    FormatError,
+    OutOfRangeError,
+    QedError,
+    ReadOnlyError,
+)
+
+if TYPE_CHECKING:
+    from qedfuse.imagefile import BlockFile, Buffer
+
+log = logging.getLogger(__name__)
+
+#: Entries per dirty-tracking page (4 KiB of table).
+PAGE_ENTRIES = 512
+PAGE_SIZE = PAGE_ENTRIES * 8
+DEFAULT_CACHE_SIZE = 8 * 1024 * 1024
+#: Largest chunk write_zeroes hands to the write path at once.
+ZERO_CHUNK_SIZE = 4 * 1024 * 1024
+_ZERO_CHUNK = bytes(ZERO_CHUNK_SIZE)
+
+
+class GuestSource(Protocol):
+    """Anything that can serve guest reads: a backing image (raw or QED)."""
+
+    @property
+    def image_size(self) -> int: ...
+
+    async def read_padded(self, pos: int, size: int) -> bytes:
+        """Read ``size`` bytes at ``pos``; bytes past the end of the image read as zeros."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class Kind(enum.Enum):
+    """What a run of guest clusters maps to."""
+
+    DATA = "data"  # allocated cluster(s) in this image
+    ZERO = "zero"  # zero cluster(s): read zeros, hide the backing image
+    UNALLOCATED = "unallocated"  # read through to the backing image, or zeros
+
+
+@dataclass(frozen=True, slots=True)
+class Extent:
+    """A run of guest bytes with one mapping; ``host_offset`` only for DATA."""
+
+    kind: Kind
+    pos: int
+    length: int
+    host_offset: int | None = None
+
+
+class L2Table:
+    """One cached L2 table with dirty tracking."""
+
+    __slots__ = ("bad", "dirty_pages", "entries", "is_new", "offset")
+
+    def __init__(self, offset: int, entries: array[int], bad: set[int], *, is_new: bool) -> None:
+        self.offset = offset
+        self.entries = entries
+        self.bad = bad
+        self.is_new = is_new
+        self.dirty_pages: set[int] = set()
+
+    @property
+    def dirty(self) -> bool:
+        return self.is_new or bool(self.dirty_pages)
+
+    def set_entry(self, index: int, value: int) -> None:
+        self.entries[index] = value
+        self.bad.discard(index)
+        self.dirty_pages.add(index // PAGE_ENTRIES)
+
+
+class L2Cache:
+    """A bounded LRU cache of L2 tables keyed by file offset.  Dirty tables are pinned."""
+
+    def __init__(self, capacity_bytes: int, table_bytes: int) -> None:
+        self.table_bytes = table_bytes
+        # Always room for a couple of tables, whatever the budget.
+        self.capacity = max(2, capacity_bytes // table_bytes)
+        self._tables: OrderedDict[int, L2Table] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, offset: int) -> L2Table | None:
+        table = self._tables.get(offset)
+        if table is not None:
+            self._tables.move_to_end(offset)
+            self.hits += 1
+        return table
+
+    def insert(self, table: L2Table) -> L2Table:
+        """Insert ``table`` unless one with its offset is cached; return the cached one."""
+        existing = self._tables.get(table.offset)
+        if existing is not None:
+            return existing
+        self._tables[table.offset] = table
+        self.misses += 1
+        if len(self._tables) > self.capacity:
+            for offset in [o for o, t in self._tables.items() if not t.dirty]:
+                if len(self._tables) <= self.capacity:
+                    break
+                if offset != table.offset:
+                    del self._tables[offset]
+        return table
+
+    def dirty_tables(self) -> list[L2Table]:
+        return sorted((t for t in self._tables.values() if t.dirty), key=lambda t: t.offset)
+
+    @property
+    def n_dirty(self) -> int:
+        return sum(1 for t in self._tables.values() if t.dirty)
+
+    @property
+    def over_budget(self) -> bool:
+        return self.n_dirty > self.capacity
+
+    def clear(self) -> None:
+        self._tables.clear()
+
+    def __len__(self) -> int:
+        return len(self._tables)
+
+
+@dataclass
+class EngineStats:
+    """Counters for tests, benchmarks and ``info``."""
+
+    allocated_clusters: int = 0
+    new_l2_tables: int = 0
+    zero_clusters_written: int = 0
+    zero_writes_skipped: int = 0
+    flushes: int = 0
+    need_check_sets: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class OpenOptions:
+    """Engine tunables."""
+
+    cache_size: int = DEFAULT_CACHE_SIZE
+    detect_zeroes: bool = True
+    #: Run check-and-repair on a read-write open of an image with NEED_CHECK set.
+    repair_on_open: bool = True
+
+
+class QedImage:
+    """An open QED image.  Create with :func:`open_image`; use as an async context manager."""
+
+    def __init__(
+        self,
+        file: BlockFile,
+        header: fmt.Header,
+        geometry: fmt.Geometry,
+        l1: array[int],
+        file_size: int,
+        *,
+        read_only: bool,
+        backing: GuestSource | None,
+        options: OpenOptions,
+    ) -> None:
+        self.file = file
+        self.header = header
+        self.geometry = geometry
+        self.read_only = read_only
+        self.backing = backing
+        self.options = options
+        self.stats = EngineStats()
+        self.failsafe_reason: str | None = None
+        self._cache = L2Cache(options.cache_size, geometry.table_bytes)
+        self._alloc_lock = trio.Lock()
+        self._loading: dict[int, trio.Event] = {}
+        self._data_gen = 0  # bumped by every data pwrite
+        self._synced_gen = 0  # value of _data_gen covered by the last completed data sync
+        self._need_check_on_disk = header.need_check
+        self._metadata_dirty = trio.Event()
+        self._last_write_time = 0.0
+        self._zero_cluster = bytes(geometry.cluster_size)
+        self._closed = False
+        self._install_l1(l1, file_size)
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def image_size(self) -> int:
+        return self.header.image_size
+
+    @property
+    def cluster_size(self) -> int:
+        return self.geometry.cluster_size
+
+    @property
+    def failsafe(self) -> bool:
+        return self.failsafe_reason is not None
+
+    @property
+    def allocator_end(self) -> int:
+        """File offset where the next cluster will be allocated."""
+        return self._alloc_end
+
+    @property
+    def has_dirty_metadata(self) -> bool:
+        return self._l1_dirty_pages != set() or self._cache.n_dirty > 0
+
+    @property
+    def cache(self) -> L2Cache:
+        return self._cache
+
+    # ------------------------------------------------------------------ L1 / metadata map
+
+    def _install_l1(self, l1: array[int], file_size: int) -> None:
+        """Adopt an L1 table read from disk: validate entries, build the metadata map."""
+        geo = self.geometry
+        self._l1 = l1
+        self._l1_dirty_pages: set[int] = set()
+        self._alloc_end = geo.round_down(file_size)
+        l1_start = self.header.l1_table_offset
+        l1_end = l1_start + geo.table_bytes
+        self._l1_bad: set[int] = set()
+        candidates: list[tuple[int, int]] = []
+        for index, offset in enumerate(l1):
+            if offset == 0:
+                continue
+            if not geo.is_table_offset(offset, self._alloc_end) or (
+                offset < l1_end and offset + geo.table_bytes > l1_start
+            ):
+                self._l1_bad.add(index)
+            else:
+                candidates.append((offset, index))
+        candidates.sort()
+        # Two L1 entries whose tables overlap are both unusable: writing through one would
+        # change the other's mappings.
+        for k in range(1, len(candidates)):
+            if candidates[k][0] < candidates[k - 1][0] + geo.table_bytes:
+                self._l1_bad.add(candidates[k][1])
+                self._l1_bad.add(candidates[k - 1][1])
+        self._meta_clusters: set[int] = set()
+        for offset in range(l1_start, l1_end, geo.cluster_size):
+            self._meta_clusters.add(offset)
+        for offset, index in candidates:
+            if index not in self._l1_bad:
+                self._add_meta_table(offset)
+        if self._l1_bad:
+            log.warning(
+                "%d invalid L1 entries; the guest ranges they map will fail with EIO",
+                len(self._l1_bad),
+            )
+
+    def _add_meta_table(self, offset: int) -> None:
+        cs = self.geometry.cluster_size
+        for k in range(self.geometry.table_size):
+            self._meta_clusters.add(offset + k * cs)
+
+    def _validate_l2(self, entries: array[int]) -> set[int]:
+        """Indices of invalid data entries in an L2 table just read from disk."""
+        geo = self.geometry
+        mask = geo.cluster_size - 1
+        low = geo.header_end_offset
+        high = self._alloc_end
+        meta = self._meta_clusters
+        return {
+            i
+            for i, e in enumerate(entries)
+            if e > 1 and (e & mask or e < low or e >= high or e in meta)
+        }
+
+    # ------------------------------------------------------------------ L2 access
+
+    async def _load_l2(self, offset: int) -> L2Table:
+        """Return the cached L2 table at ``offset``, reading it once if needed."""
+        while True:
+            table = self._cache.get(offset)
+            if table is not None:
+                return table
+            event = self._loading.get(offset)
+            if event is None:
+                break
+            await event.wait()
+        event = trio.Event()
+        self._loading[offset] = event
+        try:
+            raw = await self.file.pread(offset, self.geometry.table_bytes)
+            entries = fmt.decode_table(raw)
+            bad = self._validate_l2(entries)
+            if bad:
+                log.warning("L2 table at %#x has %d invalid entries", offset, len(bad))
+            return self._cache.insert(L2Table(offset, entries, bad, is_new=False))
+        finally:
+            del self._loading[offset]
+            event.set()
+
+    async def _l2_for(self, pos: int) -> L2Table | None:
+        """The L2 table mapping ``pos``, or None when its L1 entry is empty."""
+        l1_index = self.geometry.l1_index(pos)
+        if l1_index in self._l1_bad:
+            raise CorruptionError(
+                f"invalid L1 entry {l1_index} ({self._l1[l1_index]:#x}) maps guest offset {pos}"
+            )
+        offset = self._l1[l1_index]
+        if offset == 0:
+            return None
+        return await self._load_l2(offset)
+
+    async def _lookup(self, pos: int, size: int) -> Extent:
+        """Map the longest run starting at ``pos`` (at most ``size`` bytes) with one kind."""
+        geo = self.geometry
+        in_cluster = geo.offset_in_cluster(pos)
+        table_end = (pos // geo.l2_coverage + 1) * geo.l2_coverage
+        size = min(size, table_end - pos)
+        table = await self._l2_for(pos)
+        if table is None:
+            return Extent(Kind.UNALLOCATED, pos, size)
+        entries = table.entries
+        first = geo.l2_index(pos)
+        last = geo.l2_index(pos + size - 1)
+        if first in table.bad:
+            raise CorruptionError(
+                f"invalid L2 entry {first} ({entries[first]:#x}) in table at "
+                f"{table.offset:#x} maps guest offset {pos}"
+            )
+        value = entries[first]
+        cs = geo.cluster_size
+        index = first + 1
+        if value > fmt.ZERO_CLUSTER:
+            expect = value + cs
+            while index <= last and entries[index] == expect and index not in table.bad:
+                index += 1
+                expect += cs
+        else:
+            while index <= last and entries[index] == value:
+                index += 1
+        length = min(size, (index - first) * cs - in_cluster)
+        if value == fmt.UNALLOCATED:
+            return Extent(Kind.UNALLOCATED, pos, length)
+        if value == fmt.ZERO_CLUSTER:
+            return Extent(Kind.ZERO, pos, length)
+        return Extent(Kind.DATA, pos, length, value + in_cluster)
+
+    async def extents(self, pos: int = 0, size: int | None = None) -> list[Extent]:
+        """The mapping of ``[pos, pos+size)`` as merged runs (for map, convert, commit)."""
+        end = self.image_size if size is None else min(self.image_size, pos + size)
+        out: list[Extent] = []
+        while pos < end:
+            ext = await self._lookup(pos, end - pos)
+            prev = out[-1] if out else None
+            if (
+                prev is not None
+                and prev.kind is ext.kind
+                and (
+                    ext.kind is not Kind.DATA
+                    or (
+                        prev.host_offset is not None
+                        and prev.host_offset + prev.length == ext.host_offset
+                    )
+                )
+            ):
+                out[-1] = Extent(prev.kind, prev.pos, prev.length + ext.length, prev.host_offset)
+            else:
+                out.append(ext)
+            pos += ext.length
+        return out
+
+    # ------------------------------------------------------------------ reads
+
+    def _check_readable(self) -> None:
+        if self._closed:
+            raise QedError("image is closed")
+
+    async def read(self, pos: int, size: int) -> bytes:
+        """Read guest bytes; the result is short only at the end of the image."""
+        self._check_readable()
+        if pos < 0 or size < 0:
+            raise OutOfRangeError(f"invalid read range {pos}+{size}")
+        size = max(0, min(size, self.image_size - pos))
+        if size == 0:
+            return b""
+        parts: list[bytes] = []
+        while size:
+            ext = await self._lookup(pos, size)
+            if ext.kind is Kind.DATA:
+                assert ext.host_offset is not None
+                parts.append(await self.file.pread(ext.host_offset, ext.length))
+            elif ext.kind is Kind.UNALLOCATED and self.backing is not None:
+                parts.append(await self.backing.read_padded(pos, ext.length))
+            else:
+                parts.append(bytes(ext.length))
+            pos += ext.length
+            size -= ext.length
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def read_padded(self, pos: int, size: int) -> bytes:
+        """Read as a backing image: zeros past the end of the image."""
+        data = await self.read(pos, size) if pos < self.image_size else b""
+        return data + bytes(size - len(data)) if len(data) < size else data
+
+    # ------------------------------------------------------------------ writes
+
+    def _check_writable(self) -> None:
+        self._check_readable()
+        if self.read_only:
+            raise ReadOnlyError("image is open read-only")
+        if self.failsafe_reason is not None:
+            raise FailsafeError(f"image is in failsafe mode: {self.failsafe_reason}")
+
+    async def write(self, pos: int, data: Buffer, *, detect_zeroes: bool | None = None) -> None:
+        """Write guest bytes.  The whole range must lie inside the image."""
+        self._check_writable()
+        size = len(data)
+        if pos < 0 or pos + size > self.image_size:
+            raise OutOfRangeError(
+                f"write of {size} bytes at {pos} is past the end of the image ({self.image_size})"
+            )
+        await self._write_unchecked(pos, data, detect_zeroes)
+
+    async def _write_unchecked(self, pos: int, data: Buffer, detect_zeroes: bool | None) -> None:
+        detect = self.options.detect_zeroes if detect_zeroes is None else detect_zeroes
+        view = memoryview(data).cast("B")
+        self._last_write_time = trio.current_time()
+        while view:
+            ext = await self._lookup(pos, len(view))
+            if ext.kind is Kind.DATA:
+                assert ext.host_offset is not None
+                self._data_gen += 1
+                await self.file.pwrite(ext.host_offset, view[: ext.length])
+                done = ext.length
+            else:
+                done = await self._allocating_write(pos, view, detect)
+            pos += done
+            view = view[done:]
+        if self._cache.over_budget:
+            await self.flush()
+
+    async def write_zeroes(self, pos: int, size: int) -> None:
+        """Zero a guest range, using zero clusters / no allocation where possible."""
+        end = pos + size
+        while pos < end:
+            n = min(end - pos, ZERO_CHUNK_SIZE)
+            await self.write(pos, memoryview(_ZERO_CHUNK)[:n], detect_zeroes=True)
+            pos += n
+
+    async def _allocating_write(self, pos: int, view: memoryview, detect: bool) -> int:
+        """Write the run at ``pos`` that needs allocation; return bytes consumed."""
+        async with self._alloc_lock:
+            self._check_writable()
+            ext = await self._lookup(pos, len(view))
+            if ext.kind is Kind.DATA:  # allocated while we waited for the lock
+                assert ext.host_offset is not None
+                self._data_gen += 1
+                await self.file.pwrite(ext.host_offset, view[: ext.length])
+                return ext.length
+            geo = self.geometry
+            cs = geo.cluster_size
+            chunk = view[: ext.length]
+            start = geo.cluster_start(pos)
+            end = pos + ext.length
+            n_clusters = geo.clusters_for(end - start)
+            # Old contents read as zeros unless they come from a backing image.
+            reads_zero = ext.kind is Kind.ZERO or self.backing is None
+            plan: list[int] = []  # per cluster: 0 skip, 1 zero-cluster entry, 2 allocate
+            for k in range(n_clusters):
+                c_start = start + k * cs
+                lo = max(pos, c_start)
+                hi = min(end, c_start + cs)
+                part = chunk[lo - pos : hi - pos]
+                if (
+                    detect
+                    and part[0] == 0
+                    and part[-1] == 0
+                    and bytes(part) == self._zero_cluster[: hi - lo]
+                ):
+                    if reads_zero:
+                        plan.append(0)
+                        continue
+                    if hi - lo == cs:
+                        plan.append(1)
+                        continue
+                plan.append(2)
+            k = 0
+            while k < n_clusters:
+                kind = plan[k]
+                j = k
+                while j < n_clusters and plan[j] == kind:
+                    j += 1
+                if kind == 2:
+                    await self._allocate_and_write(pos, chunk, start + k * cs, j - k, ext.kind)
+                elif kind == 1:
+                    await self._set_entries(start + k * cs, j - k, None)
+                    self.stats.zero_clusters_written += j - k
+                else:
+                    self.stats.zero_writes_skipped += j - k
+                k = j
+            return ext.length
+
+    async def _allocate_and_write(
+        self, pos: int, chunk: memoryview, run_start: int, n_clusters: int, old_kind: Kind
+    ) -> None:
+        """Allocate ``n_clusters`` for guest clusters from ``run_start``, fill and write them."""
+        geo = self.geometry
+        cs = geo.cluster_size
+        run_end = run_start + n_clusters * cs
+        lo = max(pos, run_start)
+        hi = min(pos + len(chunk), run_end)
+        buf = bytearray(n_clusters * cs)
+        if lo > run_start:
+            buf[: lo - run_start] = await self._fill(run_start, lo - run_start, old_kind)
+        buf[lo - run_start : hi - run_start] = chunk[lo - pos : hi - pos]
+        if hi < run_end:
+            buf[hi - run_start :] = await self._fill(hi, run_end - hi, old_kind)
+        host = self._allocate(n_clusters)
+        self._data_gen += 1
+        await self.file.pwrite(host, buf)
+        self.stats.allocated_clusters += n_clusters
+        await self._set_entries(run_start, n_clusters, host)
+
+    async def _fill(self, pos: int, size: int, old_kind: Kind) -> bytes:
+        """Copy-on-write fill: backing data under unallocated clusters, else zeros (not bug E)."""
+        if old_kind is Kind.UNALLOCATED and self.backing is not None:
+            return await self.backing.read_padded(pos, size)
+        return bytes(size)
+
+    def _allocate(self, n_clusters: int) -> int:
+        offset = self._alloc_end
+        self._alloc_end += n_clusters * self.geometry.cluster_size
+        return offset
+
+    async def _set_entries(self, run_start: int, n_clusters: int, host: int | None) -> None:
+        """Point guest clusters at ``host, host+cs, …`` (or zero clusters when ``host`` is None).
+
+        Caller holds the allocation lock; the clusters lie in one L2 table.
+        """
+        await self._mark_need_check()
+        geo = self.geometry
+        l1_index = geo.l1_index(run_start)
+        table = await self._l2_for(run_start)
+        if table is None:
+            offset = self._allocate(geo.table_size)
+            table = L2Table(offset, array("Q", bytes(geo.table_bytes)), set(), is_new=True)
+            self._add_meta_table(offset)
+            self._cache.insert(table)
+            self._l1[l1_index] = offset
+            self._l1_dirty_pages.add(l1_index // PAGE_ENTRIES)
+            self.stats.new_l2_tables += 1
+        # No checkpoint from here on: the table object is the cached one until we return.
+        first = geo.l2_index(run_start)
+        for k in range(n_clusters):
+            value = fmt.ZERO_CLUSTER if host is None else host + k * geo.cluster_size
+            table.set_entry(first + k, value)
+        self._metadata_dirty.set()
+
+    async def _mark_need_check(self) -> None:
+        """Make NEED_CHECK durable before the first metadata change after a clean state."""
+        if self._need_check_on_disk:
+            return
+        header = self.header.replace(features=self.header.features | fmt.Feature.NEED_CHECK)
+        await self.file.pwrite(0, header.pack())
+        await self.file.fdatasync()
+        self.header = header
+        self._need_check_on_disk = True
+        self.stats.need_check_sets += 1
+
+    # ------------------------------------------------------------------ flush
+
+    async def flush(self) -> None:
+        """The ordered flush: data → L2 → L1 → header (NEED_CHECK cleared), each synced."""
+        self._check_readable()
+        if self.read_only:
+            return
+        async with self._alloc_lock:
+            if self.failsafe_reason is not None:
+                raise FailsafeError(f"image is in failsafe mode: {self.failsafe_reason}")
+            # Once started, a flush runs to completion even if its caller is cancelled.
+            with trio.CancelScope(shield=True):
+                try:
+                    await self._flush_locked()
+                except Exception as exc:
+                    await self._enter_failsafe(f"flush failed: {exc}")
+                    raise
+
+    async def _flush_locked(self) -> None:
+        dirty_tables = self._cache.dirty_tables()
+        dirty_l1 = sorted(self._l1_dirty_pages)
+        if self._data_gen != self._synced_gen or dirty_tables or dirty_l1:
+            gen = self._data_gen
+            await self.file.fdatasync()
+            self._synced_gen = gen
+        if dirty_tables:
+            for table in dirty_tables:
+                await self._write_table(
+                    table.offset, table.entries, None if table.is_new else table.dirty_pages
+                )
+            await self.file.fdatasync()
+            for table in dirty_tables:
+                table.is_new = False
+                table.dirty_pages.clear()
+        if dirty_l1:
+            await self._write_table(self.header.l1_table_offset, self._l1, set(dirty_l1))
+            await self.file.fdatasync()
+            self._l1_dirty_pages.clear()
+        if self._need_check_on_disk:
+            header = self.header.replace(features=self.header.features & ~fmt.Feature.NEED_CHECK)
+            await self.file.pwrite(0, header.pack())
+            await self.file.fdatasync()
+            self.header = header
+            self._need_check_on_disk = False
+        self._metadata_dirty = trio.Event()
+        self.stats.flushes += 1
+
+    async def _write_table(self, offset: int, entries: array[int], pages: set[int] | None) -> None:
+        """Write a whole table, or only its dirty pages (merged into runs)."""
+        if pages is None:
+            await self.file.pwrite(offset, fmt.encode_table(entries))
+            return
+        ordered = sorted(pages)
+        k = 0
+        while k < len(ordered):
+            j = k
+            while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
+                j += 1
+            start = ordered[k] * PAGE_ENTRIES
+            stop = min(len(entries), (ordered[j] + 1) * PAGE_ENTRIES)
+            await self.file.pwrite(offset + start * 8, fmt.encode_table(entries, start, stop))
+            k = j + 1
+
+    async def _enter_failsafe(self, reason: str) -> None:
+        """Stop writing; drop cached metadata and show what is on disk."""
+        if self.failsafe_reason is None:
+            log.error("entering failsafe mode: %s (NEED_CHECK stays set on disk)", reason)
+            self.failsafe_reason = reason
+        self._cache.clear()
+        try:
+            raw = await self.file.pread(self.header.l1_table_offset, self.geometry.table_bytes)
+            file_size = await self.file.size()
+            self._install_l1(fmt.decode_table(raw), file_size)
+        except OSError as exc:
+            log.error("could not re-read L1 after failure: %s; every range now fails", exc)
+            self._l1_bad = set(range(len(self._l1)))
+
+    def enter_failsafe(self, reason: str) -> None:
+        """Refuse further writes (used by the FUSE layer on unexpected errors)."""
+        if self.failsafe_reason is None:
+            log.error("entering failsafe mode: %s", reason)
+            self.failsafe_reason = reason
+
+    # ------------------------------------------------------------------ background flush
+
+    async def run_idle_flusher(
+        self, delay: float = 5.0, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Flush (and so clear NEED_CHECK) once allocating writes have been quiet for ``delay``."""
+        task_status.started()
+        while True:
+            await self._metadata_dirty.wait()
+            # A debounce: every write pushes the deadline back.
+            while (remaining := self._last_write_time + delay - trio.current_time()) > 0:  # noqa: ASYNC110
+                await trio.sleep(remaining)
+            if self.failsafe or self._closed:
+                return
+            try:
+                await self.flush()
+            except (QedError, OSError) as exc:
+                log.error("background flush failed: %s", exc)
+                return
+
+    # ------------------------------------------------------------------ resize
+
+    async def resize(self, new_size: int) -> None:
+        """Grow the guest size.  The new area reads as zeros, even over a larger backing image."""
+        self._check_writable()
+        old_size = self.image_size
+        if new_size < old_size:
+            raise OutOfRangeError("Shrinking images is not supported")
+        if new_size % fmt.SECTOR_SIZE or new_size > self.geometry.max_image_size:
+            raise OutOfRangeError(
+                f"Invalid image size specified: must be a multiple of 512 and at most "
+                f"{self.geometry.max_image_size}"
+            )
+        if new_size == old_size:
+            return
+        geo = self.geometry
+        cs = geo.cluster_size
+        # The tail of the last cluster past the old size may hold backing or stale bytes.
+        tail_end = min(new_size, -(-old_size // cs) * cs)
+        if tail_end > old_size:
+            await self._write_unchecked(old_size, bytes(tail_end - old_size), True)
+        if self.backing is not None and self.backing.image_size > tail_end:
+            # Hide backing data in the new area behind zero clusters.
+            hide_end = min(new_size, -(-self.backing.image_size // cs) * cs)
+            pos = tail_end
+            async with self._alloc_lock:
+                while pos < hide_end:
+                    ext = await self._lookup(pos, hide_end - pos)
+                    n = geo.clusters_for(ext.length)
+                    if ext.kind is Kind.UNALLOCATED:
+                        await self._set_entries(pos, n, None)
+                    pos += n * cs
+        # The new size becomes visible only once the metadata hiding the backing is durable.
+        await self.flush()
+        async with self._alloc_lock:
+            header = self.header.replace(image_size=new_size)
+            await self.file.pwrite(0, header.pack())
+            await self.file.fdatasync()
+            self.header = header
+
+    # ------------------------------------------------------------------ close
+
+    async def close(self) -> None:
+        """Flush (leaving NEED_CHECK clear) and close the file and backing chain."""
+        if self._closed:
+            return
+        try:
+            if not self.read_only and self.failsafe_reason is None:
+                await self.flush()
+        finally:
+            self._closed = True
+            try:
+                await self.file.aclose()
+            finally:
+                if self.backing is not None:
+                    await self.backing.aclose()
+
+    async def aclose(self) -> None:
+        await self.close()
+
+    async def __aenter__(self) -> QedImage:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------------ info
+
+    async def allocated_bytes(self) -> int:
+        """Bytes of guest data allocated in this image (data clusters only)."""
+        total = 0
+        for index, offset in enumerate(self._l1):
+            if offset == 0 or index in self._l1_bad:
+                continue
+            table = await self._load_l2(offset)
+            total += sum(1 for e in table.entries if e > 1)
+        return total * self.geometry.cluster_size
+
+
+async def read_header(file: BlockFile) -> tuple[fmt.Header, fmt.Geometry, int]:
+    """Read and validate the header; return it with its geometry and the file size."""
+    file_size = await file.size()
+    header = fmt.Header.unpack(await file.pread(0, fmt.HEADER_STRUCT_SIZE))
+    geometry = fmt.validate_header(header, file_size)
+    return header, geometry, file_size
+
+
+async def read_backing_name(file: BlockFile, header: fmt.Header) -> bytes | None:
+    """The backing file name stored in the image, or None."""
+    if not header.has_backing_file:
+        return None
+    return await file.pread(header.backing_filename_offset, header.backing_filename_size)
+
+
+async def create_image(
+    file: BlockFile,
+    image_size: int,
+    *,
+    cluster_size: int = fmt.DEFAULT_CLUSTER_SIZE,
+    table_size: int = fmt.DEFAULT_TABLE_SIZE,
+    backing_name: bytes = b"",
+    backing_raw: bool = False,
+) -> fmt.Header:
+    """Write a new, empty image on ``file`` (truncated first), laid out as QEMU does."""
+    geometry = fmt.check_create_params(image_size, cluster_size, table_size)
+    if fmt.HEADER_STRUCT_SIZE + len(backing_name) > cluster_size:
+        raise FormatError(
+            f"backing file name of {len(backing_name)} bytes does not fit in the header cluster"
+        )
+    header = fmt.new_header(
+        image_size,
+        cluster_size=cluster_size,
+        table_size=table_size,
+        backing_name=backing_name,
+        backing_raw=backing_raw,
+    )
+    await file.ftruncate(0)
+    await file.pwrite(0, header.pack() + backing_name)
+    await file.pwrite(header.l1_table_offset, bytes(geometry.table_bytes))
+    await file.fdatasync()
+    return header
+
+
+async def open_image(
+    file: BlockFile,
+    *,
+    read_only: bool | None = None,
+    backing: GuestSource | None = None,
+    options: OpenOptions | None = None,
+) -> QedImage:
+    """Open a QED image on ``file``.
+
+    A read-write open clears unknown autoclear feature bits and, when NEED_CHECK is set,
+    runs check-and-repair first (as QEMU does).  A read-only open never writes.  The caller
+    resolves and opens the backing image (see :mod:`qedfuse.backing`).
+    """
+    options = options or OpenOptions()
+    if read_only is None:
+        read_only = file.read_only
+    header, geometry, file_size = await read_header(file)
+    if not read_only and header.autoclear_features:
+        header = header.replace(autoclear_features=0)
+        await file.pwrite(0, header.pack())
+        await file.fdatasync()
+    if not read_only and header.need_check and options.repair_on_open:
+        from qedfuse.check import check_image
+
+        report = await check_image(file, repair=True)
+        log.warning("image had NEED_CHECK set; repaired on open: %s", report.summary_line())
+        header, geometry, file_size = await read_header(file)
+    raw_l1 = await file.pread(header.l1_table_offset, geometry.table_bytes)
+    image = QedImage(
+        file,
+        header,
+        geometry,
+        fmt.decode_table(raw_l1),
+        file_size,
+        read_only=read_only,
+        backing=backing,
+        options=options,
+    )
+    return image
+
+
+__all__ = [
+    "Extent",
+    "GuestSource",
+    "Kind",
+    "OpenOptions",
+    "QedImage",
+    "create_image",
+    "open_image",
+    "read_backing_name",
+    "read_header",
+]
