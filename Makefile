@@ -107,8 +107,7 @@ run: deps venv
 	  fi; \
 	fi; \
 	[ -f "$$image" ] || { echo "run: image '$$image' not found" >&2; exit 1; }; \
-	mkdir -p '$(MNT)'; \
-	mnt_abs=$$(realpath -s '$(MNT)'); \
+	mnt_abs=$$(realpath -s -m '$(MNT)'); \
 	if awk -v m="$$mnt_abs" '$$2 == m { found = 1 } END { exit !found }' /proc/self/mounts; then \
 	  if stat "$$mnt_abs/" >/dev/null 2>&1; then \
 	    echo "run: $$mnt_abs is already mounted ($$(findmnt -rn -o SOURCE --mountpoint "$$mnt_abs" | head -1)); not remounting"; \
@@ -117,6 +116,7 @@ run: deps venv
 	    exit 1; \
 	  fi; \
 	else \
+	  mkdir -p "$$mnt_abs"; \
 	  $(QEDFUSE) mount "$$image" '$(MNT)'; \
 	fi; \
 	stem=$$(basename "$$image"); stem=$${stem%.*}; \
