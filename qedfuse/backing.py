@@ -1,0 +1,294 @@
+"""Opening images by path: the backing chain, its safety policy, and locks.
+
+Backing files named in an image are followed by default (overlays are QED's main use), but:
+
+* never through a protocol or ``json:`` prefix (``nbd:…``, ``file:…``, ``json:{…}``);
+* never in a loop, and never deeper than :data:`MAX_CHAIN_DEPTH` levels;
+* always opened read-only, locked as QEMU locks a backing file (shared read);
+* relative names resolve against the directory of the image that names them;
+* the backing format is raw when the image says so (NO_PROBE), else QED when the file starts
+  with the QED magic, else raw (any other image format is refused rather than misread);
+* :attr:`BackingPolicy.allow` = False (the ``untrusted`` mount option) refuses any backing
+  file, and :attr:`BackingPolicy.override` replaces the stored name (``-o backing=PATH``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, replace
+
+from qedfuse import format as fmt
+from qedfuse.engine import GuestSource, OpenOptions, QedImage, open_image, read_backing_name
+from qedfuse.errors import BackingFileError, QedError
+from qedfuse.imagefile import BlockFile, FileImage
+from qedfuse.locking import LockMode, lock_image
+
+MAX_CHAIN_DEPTH = 16
+_PROTOCOL_RE = re.compile(rb"^[A-Za-z][A-Za-z0-9+.\-]*:")
+#: Magics of formats we refuse to read as raw backing data.
+_OTHER_MAGICS = {b"QFI\xfb": "qcow2", b"conectix": "vpc", b"vhdxfile": "vhdx", b"KDMV": "vmdk"}
+
+
+@dataclass(frozen=True, slots=True)
+class BackingPolicy:
+    """What backing files an open may follow."""
+
+    allow: bool = True
+    override: str | None = None
+    #: Format of the override (or of every backing file): "raw", "qed" or None to detect.
+    override_format: str | None = None
+    max_depth: int = MAX_CHAIN_DEPTH
+
+
+class RawImage:
+    """A raw backing image: a plain file read as guest bytes."""
+
+    def __init__(self, file: BlockFile, image_size: int) -> None:
+        self.file = file
+        self._image_size = image_size
+
+    @property
+    def image_size(self) -> int:
+        return self._image_size
+
+    async def read_padded(self, pos: int, size: int) -> bytes:
+        if pos >= self._image_size:
+            return bytes(size)
+        data = await self.file.pread(pos, min(size, self._image_size - pos))
+        return data + bytes(size - len(data)) if len(data) < size else data
+
+    async def aclose(self) -> None:
+        await self.file.aclose()
+
+
+def resolve_backing_name(name: bytes, image_path: str) -> str:
+    """Turn a stored backing name into a path, refusing protocol and json: names."""
+    if b"\0" in name:
+        raise BackingFileError("backing file name contains a NUL byte")
+    if _PROTOCOL_RE.match(name) and not name.startswith(b"/"):
+        shown = name[:40].decode("utf-8", "replace")
+        raise BackingFileError(f"backing file name {shown!r} uses a protocol prefix; refused")
+    try:
+        text = name.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BackingFileError("backing file name is not valid UTF-8") from None
+    if os.path.isabs(text):
+        return os.path.normpath(text)
+    return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(image_path)), text))
+
+
+def _absolute(path: str) -> str:
+    return os.path.abspath(path)
+
+
+def _open_fd(path: str, *, read_only: bool, what: str) -> int:
+    flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+    try:
+        return os.open(path, flags)
+    except OSError as exc:
+        raise QedError(f"{what}Could not open '{path}': {exc.strerror}") from exc
+
+
+async def _detect_format(file: BlockFile) -> str:
+    magic = await file.pread(0, 8)
+    if int.from_bytes(magic[:4], "little") == fmt.QED_MAGIC:
+        return "qed"
+    for prefix, name in _OTHER_MAGICS.items():
+        if magic.startswith(prefix):
+            raise BackingFileError(
+                f"backing file is a {name} image; only raw and QED are supported"
+            )
+    return "raw"
+
+
+async def open_path(
+    path: str,
+    *,
+    read_only: bool,
+    options: OpenOptions | None = None,
+    policy: BackingPolicy | None = None,
+    lock: bool = True,
+    lock_mode: LockMode | None = None,
+    threaded_io: bool = False,
+) -> QedImage:
+    """Open the QED image at ``path`` and its backing chain."""
+    return await _open_qed(
+        _absolute(path),
+        read_only=read_only,
+        options=options or OpenOptions(),
+        policy=policy or BackingPolicy(),
+        lock=lock,
+        lock_mode=lock_mode or (LockMode.READ_ONLY if read_only else LockMode.READ_WRITE),
+        threaded_io=threaded_io,
+        seen=set(),
+        depth=0,
+    )
+
+
+async def _open_qed(
+    path: str,
+    *,
+    read_only: bool,
+    options: OpenOptions,
+    policy: BackingPolicy,
+    lock: bool,
+    lock_mode: LockMode,
+    threaded_io: bool,
+    seen: set[tuple[int, int]],
+    depth: int,
+) -> QedImage:
+    what = "" if depth == 0 else "Could not open backing file: "
+    fd = _open_fd(path, read_only=read_only, what=what)
+    file = FileImage(fd, read_only=read_only, threaded_io=threaded_io)
+    backing: GuestSource | None = None
+    try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) in seen:
+            raise BackingFileError(f"backing chain loops back to '{path}'")
+        seen.add((st.st_dev, st.st_ino))
+        if lock:
+            lock_image(fd, lock_mode, path)
+        from qedfuse.engine import read_header
+
+        header, _, _ = await read_header(file)
+        name = await read_backing_name(file, header)
+        if policy.override is not None and depth == 0:
+            backing = await _open_backing(
+                _absolute(policy.override),
+                policy.override_format,
+                options=options,
+                policy=policy,
+                lock=lock,
+                threaded_io=threaded_io,
+                seen=seen,
+                depth=depth + 1,
+            )
+        elif name:
+            if not policy.allow:
+                raise BackingFileError(
+                    f"image names a backing file ({name[:60].decode('utf-8', 'replace')!r}) "
+                    "and backing files are refused (untrusted)"
+                )
+            backing = await _open_backing(
+                resolve_backing_name(name, path),
+                "raw" if header.backing_is_raw else policy.override_format,
+                options=options,
+                policy=policy,
+                lock=lock,
+                threaded_io=threaded_io,
+                seen=seen,
+                depth=depth + 1,
+            )
+        return await open_image(file, read_only=read_only, backing=backing, options=options)
+    except BaseException:
+        if backing is not None:
+            await backing.aclose()
+        await file.aclose()
+        raise
+
+
+async def _open_backing(
+    path: str,
+    format_name: str | None,
+    *,
+    options: OpenOptions,
+    policy: BackingPolicy,
+    lock: bool,
+    threaded_io: bool,
+    seen: set[tuple[int, int]],
+    depth: int,
+) -> GuestSource:
+    if depth > policy.max_depth:
+        raise BackingFileError(f"backing chain is deeper than {policy.max_depth} levels")
+    if format_name not in (None, "raw", "qed"):
+        raise BackingFileError(f"unsupported backing format {format_name!r}")
+    if format_name != "raw":
+        fd = _open_fd(path, read_only=True, what="Could not open backing file: ")
+        probe = FileImage(fd, read_only=True)
+        try:
+            detected = await _detect_format(probe)
+        finally:
+            await probe.aclose()
+        if format_name == "qed" and detected != "qed":
+            raise BackingFileError(f"backing file '{path}' is not a QED image")
+        format_name = detected
+    if format_name == "qed":
+        return await _open_qed(
+            path,
+            read_only=True,
+            options=replace(options, repair_on_open=False),
+            policy=policy,
+            lock=lock,
+            lock_mode=LockMode.SHARED,
+            threaded_io=threaded_io,
+            seen=seen,
+            depth=depth,
+        )
+    fd = _open_fd(path, read_only=True, what="Could not open backing file: ")
+    file = FileImage(fd, read_only=True, threaded_io=threaded_io)
+    try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) in seen:
+            raise BackingFileError(f"backing chain loops back to '{path}'")
+        seen.add((st.st_dev, st.st_ino))
+        if lock:
+            lock_image(fd, LockMode.SHARED, path)
+        return RawImage(file, await file.size())
+    except BaseException:
+        await file.aclose()
+        raise
+
+
+async def backing_chain(path: str) -> list[tuple[str, str]]:
+    """[(path, format), …] of ``path``'s chain without opening the engine (for ``info``)."""
+    chain: list[tuple[str, str]] = []
+    current: str | None = _absolute(path)
+    fmt_name = "qed"
+    seen: set[tuple[int, int]] = set()
+    while current is not None:
+        if len(chain) > MAX_CHAIN_DEPTH:
+            raise BackingFileError(f"backing chain is deeper than {MAX_CHAIN_DEPTH} levels")
+        try:
+            st = os.stat(current)
+        except OSError as exc:
+            raise BackingFileError(f"Could not open '{current}': {exc.strerror}") from exc
+        if (st.st_dev, st.st_ino) in seen:
+            raise BackingFileError(f"backing chain loops back to '{current}'")
+        seen.add((st.st_dev, st.st_ino))
+        chain.append((current, fmt_name))
+        if fmt_name != "qed":
+            break
+        fd = _open_fd(current, read_only=True, what="")
+        file = FileImage(fd, read_only=True)
+        try:
+            from qedfuse.engine import read_header
+
+            header, _, _ = await read_header(file)
+            name = await read_backing_name(file, header)
+            if not name:
+                break
+            nxt = resolve_backing_name(name, current)
+            if header.backing_is_raw:
+                fmt_name = "raw"
+            else:
+                nfd = _open_fd(nxt, read_only=True, what="Could not open backing file: ")
+                nfile = FileImage(nfd, read_only=True)
+                try:
+                    fmt_name = await _detect_format(nfile)
+                finally:
+                    await nfile.aclose()
+            current = nxt
+        finally:
+            await file.aclose()
+    return chain
+
+
+__all__ = [
+    "MAX_CHAIN_DEPTH",
+    "BackingPolicy",
+    "RawImage",
+    "backing_chain",
+    "open_path",
+    "resolve_backing_name",
+]
