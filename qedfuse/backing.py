@@ -87,7 +87,8 @@ def _open_fd(path: str, *, read_only: bool, what: str) -> int:
     try:
         return os.open(path, flags)
     except OSError as exc:
-        raise QedError(f"{what}Could not open '{path}': {exc.strerror}") from exc
+        error = BackingFileError if what else QedError
+        raise error(f"{what}Could not open '{path}': {exc.strerror}") from exc
 
 
 async def _detect_format(file: BlockFile) -> str:
