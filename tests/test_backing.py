@@ -431,3 +431,22 @@ async def test_backing_files_locked_shared_read_like_qemu(tmp_path: Path) -> Non
         cp = run([require_tool("qemu-img"), "info", str(top)])
         assert cp.returncode != 0
         assert 'Failed to get shared "write" lock' in cp.stderr
+
+
+async def test_iotest050_rebase_keeps_zero_clusters_reading_zeros(tmp_path: Path) -> None:
+    """050: zero clusters written by us survive `qemu-img rebase` onto a different backing file."""
+    base = tmp_path / "base.raw"
+    other = tmp_path / "other.raw"
+    top = tmp_path / "top.qed"
+    make_raw(base, 1 * MiB, 0x11)
+    make_raw(other, 1 * MiB, 0x22)
+    qemu_img("create", "-q", "-f", "qed", "-b", base.name, "-F", "raw", top)
+    async with await open_path(str(top), read_only=False) as img:
+        await img.write(128 * KiB, bytes(256 * KiB))  # zero detection → zero clusters
+        assert img.stats.zero_clusters_written == 4
+        assert img.stats.allocated_clusters == 0
+    qemu_img("rebase", "-u", "-f", "qed", "-b", other.name, "-F", "raw", top)
+    qemu_io(top, "read -P 0x22 0 128k", "read -P 0 128k 256k", "read -P 0x22 384k 640k")
+    async with await open_path(str(top), read_only=True) as img:
+        data = await read_all(img)
+    assert data == b"\x22" * 128 * KiB + bytes(256 * KiB) + b"\x22" * 640 * KiB
