@@ -673,7 +673,9 @@ class QedImage:
             await self.file.fdatasync()
             self.header = header
             self._need_check_on_disk = False
-        self._metadata_dirty = trio.Event()
+        if self._metadata_dirty.is_set():
+            # Only a set event is replaced: a waiter on an unset one must keep it.
+            self._metadata_dirty = trio.Event()
         self.stats.flushes += 1
 
     async def _write_table(self, offset: int, entries: array[int], pages: set[int] | None) -> None:

@@ -1,0 +1,45 @@
+"""The idle flusher: NEED_CHECK is cleared soon after allocating writes go quiet."""
+
+from __future__ import annotations
+
+import trio
+import trio.testing
+
+from qedfuse import format as fmt
+from qedfuse.engine import create_image, open_image
+from qedfuse.imagefile import MemoryImage
+
+
+def need_check_on_disk(file: MemoryImage) -> bool:
+    return fmt.Header.unpack(bytes(file.data[:64])).need_check
+
+
+async def test_idle_flush_clears_need_check_after_quiet_period(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    file = MemoryImage()
+    await create_image(file, 64 * 1024 * 1024, cluster_size=4096)
+    img = await open_image(file)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(img.run_idle_flusher, 5.0)
+        await img.write(0, b"a" * 4096)
+        assert need_check_on_disk(file)
+        await trio.sleep(3)
+        await img.write(1 << 20, b"b" * 4096)  # pushes the deadline back
+        await trio.sleep(3)
+        assert need_check_on_disk(file), "flushed before writes were quiet for 5 s"
+        await trio.sleep(3)
+        assert not need_check_on_disk(file)
+        assert not img.has_dirty_metadata
+        # An explicit flush (fsync) in between must not strand the flusher.
+        await img.write(2 << 20, b"c" * 4096)
+        await trio.sleep(6)
+        assert not need_check_on_disk(file)
+        await img.write(3 << 20, b"d" * 4096)
+        await img.flush()
+        await img.write(4 << 20, b"e" * 4096)
+        assert need_check_on_disk(file)
+        await trio.sleep(6)
+        assert not need_check_on_disk(file), "idle flusher stranded by an explicit flush"
+        nursery.cancel_scope.cancel()
+    await img.close()
