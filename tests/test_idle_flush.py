@@ -40,6 +40,13 @@ async def test_idle_flush_clears_need_check_after_quiet_period(
         await img.write(4 << 20, b"e" * 4096)
         assert need_check_on_disk(file)
         await trio.sleep(6)
+        assert not need_check_on_disk(file)
+        # Clean state: the flusher waits; an fsync with nothing to do comes in first.
+        await img.write(0, b"f" * 4096)  # in place: no metadata change
+        await img.flush()
+        await img.write(5 << 20, b"g" * 4096)
+        assert need_check_on_disk(file)
+        await trio.sleep(6)
         assert not need_check_on_disk(file), "idle flusher stranded by an explicit flush"
         nursery.cancel_scope.cancel()
     await img.close()
