@@ -1,0 +1,633 @@
+"""Consistency check and repair of a QED image (``qedfuse check``, repair on a dirty open).
+
+The check works on the image file alone (a :class:`~qedfuse.imagefile.BlockFile`), never
+through the engine's cache.  It classifies problems as QEMU 7.2's ``qemu-img check`` does:
+
+* **corruption**: an L1 entry that is not a valid L2 table offset (unaligned, inside the
+  header, table running past the end of the file) or whose table overlaps the header, the
+  L1 table or an earlier L2 table (one corruption per overlapping cluster); an L2 entry other
+  than 0 or 1 that is not a valid data cluster offset, points into metadata, or names a
+  cluster another L2 entry already references (a duplicate);
+* **leak**: a whole cluster between the header and the (cluster-rounded-down) end of the file
+  that nothing references.  Counted only when every table could be read;
+* **check error**: an I/O error while reading a table; the check goes on with the rest.
+
+``allocated_clusters`` and ``fragmented_clusters`` follow QEMU's definitions: every L2 entry
+other than 0/1 (valid or not), and per table every such entry that is not the previous
+one plus one cluster.
+
+Repair (``repair=True``, ``"all"`` or ``"leaks"``: the modes do the same thing, because, as in
+QEMU, whose driver only sees a "repair" flag, any repair mode also fixes corruptions):
+
+* invalid or overlapping L1 entries and invalid L2 entries are set to 0 (that guest range
+  then reads as unallocated: backing data or zeros);
+* each extra reference to a duplicated data cluster gets its own copy of the cluster, so
+  every guest cluster keeps reading what it read before;
+* leaked clusters at the end of the file are reclaimed by truncating the file just past the
+  last used cluster (a partial trailing cluster goes too); interior leaks stay (QED cannot
+  reuse space) and are still reported;
+* if no corruption and no check error remains, NEED_CHECK is cleared.
+
+After a repair the image is checked again (as ``qemu-img check -r`` does) and the report's
+counts are those of the second pass, with the ``*_fixed`` counts of the first.
+
+Deliberate differences from QEMU (each is a QEMU bug or limitation):
+
+* cluster indices are exact: no spurious leaks on files larger than ``(cs-1)*cs`` bytes
+  (QEMU bug A);
+* every table is marked before any data cluster, so an L2 entry pointing into an L2 table
+  (or the L1 table) is the corruption and is zeroed; QEMU blames whichever it meets second,
+  may then skip a valid L2 table, and cannot repair the entry;
+* an L2 table overlapping other metadata is detached (its L1 entry zeroed); QEMU only counts
+  it, and leaves it there for a later write to clobber;
+* duplicates are repaired by copying (QEMU counts them and leaves them);
+* trailing leaks are reclaimed (QEMU never reclaims leaks);
+* header cluster 0 is never a leak, even with ``header_size == 0``.
+
+Crash safety: before the first repair write, NEED_CHECK is set durably if it was clear.
+Repairs then run in phases, each ending with ``fdatasync``: zero invalid entries (L1, L2);
+truncate trailing leaks; write the copies of duplicated clusters; point the duplicate
+entries at their copies; clear NEED_CHECK last.  A crash at any point leaves NEED_CHECK set
+and an image whose next check finds at most what this one found, plus leaks.  Entries past
+the end of the file are zeroed *before* anything can grow the file, so a crash can never
+turn such an entry into a valid-looking reference to a copy.
+
+Bounded resources: one bit per file cluster (refused above 2**31 clusters), one table
+(at most :data:`~qedfuse.format.MAX_TABLE_SIZE`) in memory at a time, at most
+:data:`MAX_DUPLICATE_REPAIRS` duplicates remembered, at most :data:`MAX_MESSAGES` messages.
+"""
+
+from __future__ import annotations
+
+from array import array
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final
+
+from qedfuse import format as fmt
+from qedfuse.engine import read_header
+from qedfuse.errors import QedError, ReadOnlyError
+
+if TYPE_CHECKING:
+    from qedfuse.imagefile import BlockFile
+
+#: Largest number of file clusters the checker accepts (a 256 MiB bitmap).
+MAX_CLUSTERS: Final = 2**31
+#: Cap on recorded findings; further ones are counted but not described.
+MAX_MESSAGES: Final = 1000
+#: Cap on duplicate references repaired in one run (each costs one new cluster).
+MAX_DUPLICATE_REPAIRS: Final = 1 << 20
+
+_REPAIR_MODES: Final = {"leaks", "all"}
+_CHUNK: Final = 1 << 16  # bitmap bytes handled at once when counting
+
+
+@dataclass
+class CheckReport:
+    """The result of :func:`check_image` (counts use qemu-img's names and meanings)."""
+
+    image_size: int
+    cluster_size: int
+    total_clusters: int  # ceil(image_size / cs)
+    allocated_clusters: int  # L2 entries that are data offsets (valid or not)
+    fragmented_clusters: int  # per table, allocated entries not at previous + cs
+    leaks: int  # unreferenced clusters after the header (after repair: remaining)
+    leaks_fixed: int
+    corruptions: int  # remaining after repair
+    corruptions_fixed: int
+    check_errors: int  # I/O errors during the check
+    need_check: bool  # NEED_CHECK bit on disk after the check
+    messages: list[str] = field(default_factory=list)
+
+    def exit_code(self) -> int:
+        """qemu-img's: 1 check incomplete, 2 corruptions, 3 only leaks, 0 clean."""
+        if self.check_errors:
+            return 1
+        if self.corruptions:
+            return 2
+        if self.leaks:
+            return 3
+        return 0
+
+    def summary_line(self) -> str:
+        """One line for logs: ``2 corruptions fixed, 1 leaked cluster reclaimed, 0 remaining``."""
+        parts: list[str] = []
+        if self.corruptions_fixed:
+            parts.append(f"{_plural(self.corruptions_fixed, 'corruption')} fixed")
+        if self.leaks_fixed:
+            parts.append(f"{_plural(self.leaks_fixed, 'leaked cluster')} reclaimed")
+        remaining: list[str] = []
+        if self.corruptions:
+            remaining.append(_plural(self.corruptions, "corruption"))
+        if self.leaks:
+            remaining.append(_plural(self.leaks, "leaked cluster"))
+        if self.check_errors:
+            remaining.append(_plural(self.check_errors, "check error"))
+        if not parts and not remaining:
+            return "no errors found"
+        if parts:
+            parts.append(f"{' and '.join(remaining)} remaining" if remaining else "0 remaining")
+        else:
+            parts.append(" and ".join(remaining) + " found")
+        return ", ".join(parts)
+
+    def to_json(self, filename: str | None = None) -> dict[str, object]:
+        """``qemu-img check --output=json``'s object: zero optional counts are omitted.
+
+        The caller may add ``"filename"`` (or pass it here to get qemu-img's key order).
+        """
+        out: dict[str, object] = {}
+        if self.total_clusters:
+            out["total-clusters"] = self.total_clusters
+        if self.corruptions:
+            out["corruptions"] = self.corruptions
+        if self.corruptions_fixed:
+            out["corruptions-fixed"] = self.corruptions_fixed
+        out["check-errors"] = self.check_errors
+        if self.leaks:
+            out["leaks"] = self.leaks
+        if self.leaks_fixed:
+            out["leaks-fixed"] = self.leaks_fixed
+        if self.allocated_clusters:
+            out["allocated-clusters"] = self.allocated_clusters
+        if filename is not None:
+            out["filename"] = filename
+        out["format"] = "qed"
+        if self.fragmented_clusters:
+            out["fragmented-clusters"] = self.fragmented_clusters
+        return out
+
+    def human_text(self, filename: str) -> str:
+        """qemu-img check's human output, preceded by one line per finding."""
+        lines: list[str] = []
+        if self.corruptions_fixed or self.leaks_fixed:
+            lines += [
+                "The following inconsistencies were found and repaired:",
+                "",
+                f"    {self.leaks_fixed} leaked clusters",
+                f"    {self.corruptions_fixed} corruptions",
+                "",
+                "Double checking the fixed image now...",
+            ]
+        if not (self.corruptions or self.leaks or self.check_errors):
+            lines.append("No errors were found on the image.")
+        else:
+            if self.corruptions:
+                lines += [
+                    "",
+                    f"{self.corruptions} errors were found on the image.",
+                    "Data may be corrupted, or further writes to the image may corrupt it.",
+                ]
+            if self.leaks:
+                lines += [
+                    "",
+                    f"{self.leaks} leaked clusters were found on the image.",
+                    "This means waste of disk space, but no harm to data.",
+                ]
+            if self.check_errors:
+                lines += [
+                    "",
+                    f"{self.check_errors} internal errors have occurred during the check.",
+                ]
+        if self.total_clusters and self.allocated_clusters:
+            lines.append(
+                f"{self.allocated_clusters}/{self.total_clusters} = "
+                f"{self.allocated_clusters * 100.0 / self.total_clusters:.2f}% allocated, "
+                f"{self.fragmented_clusters * 100.0 / self.allocated_clusters:.2f}% fragmented, "
+                "0.00% compressed clusters"
+            )
+        findings = [f"{filename}: {m}" for m in self.messages]
+        if findings and lines[0]:
+            findings.append("")
+        return "\n".join(findings + lines) + "\n"
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _repair_flag(repair: bool | str | None) -> bool:
+    if repair is None or repair is False:
+        return False
+    if repair is True or repair in _REPAIR_MODES:
+        return True
+    raise QedError(f"unknown repair mode {repair!r} (expected 'leaks' or 'all')")
+
+
+class _Pass:
+    """One walk over the image's metadata, optionally repairing what it finds."""
+
+    def __init__(
+        self, file: BlockFile, header: fmt.Header, geometry: fmt.Geometry, file_size: int
+    ) -> None:
+        self.file = file
+        self.header = header
+        self.geo = geometry
+        self.file_size = file_size
+        self.cs = geometry.cluster_size
+        self.n_clusters = file_size // self.cs
+        self.alloc_end = self.n_clusters * self.cs
+        self.need_check_on_disk = header.need_check
+        self.allocated = 0
+        self.fragmented = 0
+        self.leaks = 0
+        self.leaks_fixed = 0
+        self.corruptions = 0
+        self.corruptions_fixed = 0
+        self.check_errors = 0
+        self.n_writes = 0
+        self.messages: list[str] = []
+        self._n_unlisted = 0
+        self._bits = bytearray()
+        # First cluster index of every accepted L2 table -> its L1 index.
+        self._tables: dict[int, int] = {}
+        # (table offset, entry index, cluster offset) of every duplicate reference to repair.
+        self._duplicates = array("Q")
+        self._n_duplicates = 0
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def note(self, message: str) -> None:
+        if len(self.messages) < MAX_MESSAGES:
+            self.messages.append(message)
+        else:
+            self._n_unlisted += 1
+
+    def finish_messages(self) -> None:
+        if self._n_unlisted:
+            self.messages.append(f"... and {self._n_unlisted} more findings not listed")
+            self._n_unlisted = 0
+
+    def _test(self, cluster: int) -> bool:
+        return bool(self._bits[cluster >> 3] & (1 << (cluster & 7)))
+
+    def _set(self, cluster: int) -> None:
+        self._bits[cluster >> 3] |= 1 << (cluster & 7)
+
+    def _owner(self, cluster: int) -> str | None:
+        """Which metadata structure holds ``cluster``, if any."""
+        if cluster < max(self.header.header_size, 1):
+            return "the header"
+        l1_first = self.header.l1_table_offset // self.cs
+        if l1_first <= cluster < l1_first + self.geo.table_size:
+            return "the L1 table"
+        for k in range(self.geo.table_size):
+            l1_index = self._tables.get(cluster - k)
+            if l1_index is not None:
+                return f"the L2 table at {(cluster - k) * self.cs:#x} of L1 entry {l1_index}"
+        return None
+
+    def _why_not_cluster(self, offset: int) -> str:
+        if offset % self.cs:
+            return f"offset {offset:#x} is not cluster aligned"
+        if offset < self.geo.header_end_offset:
+            return f"offset {offset:#x} is inside the header"
+        return f"offset {offset:#x} past end of file"
+
+    def _why_not_table(self, offset: int) -> str:
+        if not self.geo.is_cluster_offset(offset, self.alloc_end):
+            return self._why_not_cluster(offset)
+        return f"L2 table at {offset:#x} runs past end of file"
+
+    def _guest_pos(self, l1_index: int, l2_index: int) -> int:
+        return (l1_index * self.geo.table_entries + l2_index) * self.cs
+
+    async def ensure_need_check(self) -> None:
+        """Make NEED_CHECK durable before the first repair write."""
+        if self.need_check_on_disk:
+            return
+        features = self.header.features | fmt.Feature.NEED_CHECK
+        self.header = self.header.replace(features=features)
+        await self.file.pwrite(0, self.header.pack())
+        await self.file.fdatasync()
+        self.need_check_on_disk = True
+
+    async def _repair_write(self, offset: int, data: bytes) -> None:
+        await self.ensure_need_check()
+        await self.file.pwrite(offset, data)
+        self.n_writes += 1
+
+    # ------------------------------------------------------------------ the walk
+
+    async def run(self, *, repair: bool) -> None:
+        geo = self.geo
+        cs = self.cs
+        if self.n_clusters > MAX_CLUSTERS:
+            self.check_errors += 1
+            self.note(
+                f"file has {self.n_clusters} clusters, more than the checker's limit of "
+                f"{MAX_CLUSTERS}; not checked"
+            )
+            return
+        self._bits = bytearray((self.n_clusters + 7) // 8)
+        for cluster in range(min(max(self.header.header_size, 1), self.n_clusters)):
+            self._set(cluster)
+        if self.file_size > self.alloc_end:
+            self.note(
+                f"{self.file_size - self.alloc_end} bytes past the last whole cluster "
+                f"(at {self.alloc_end:#x}) are ignored"
+            )
+        l1_offset = self.header.l1_table_offset
+        try:
+            l1 = fmt.decode_table(await self.file.pread(l1_offset, geo.table_bytes))
+        except OSError as exc:
+            self.check_errors += 1
+            self.note(f"cannot read the L1 table at {l1_offset:#x}: {exc}")
+            return
+        for k in range(geo.table_size):  # inside the file: validate_header checked it
+            self._set(l1_offset // cs + k)
+
+        # Phase A: every L2 table, before any data cluster.
+        tables: list[tuple[int, int]] = []  # (l1_index, table offset) in L1 order
+        l1_changed = False
+        for l1_index, offset in enumerate(l1):
+            if offset == fmt.UNALLOCATED:
+                continue
+            n_bad = 1
+            if not geo.is_table_offset(offset, self.alloc_end):
+                problem = self._why_not_table(offset)
+            else:
+                first = offset // cs
+                overlaps = [first + k for k in range(geo.table_size) if self._test(first + k)]
+                if not overlaps:
+                    for k in range(geo.table_size):
+                        self._set(first + k)
+                    self._tables[first] = l1_index
+                    tables.append((l1_index, offset))
+                    continue
+                n_bad = len(overlaps)
+                problem = (
+                    f"L2 table at {offset:#x} overlaps {self._owner(overlaps[0])} "
+                    f"({_plural(n_bad, 'cluster')})"
+                )
+            if repair:
+                l1[l1_index] = fmt.UNALLOCATED
+                l1_changed = True
+                self.corruptions_fixed += n_bad
+                self.note(f"L1 entry {l1_index}: {problem}; repaired: entry zeroed")
+            else:
+                self.corruptions += n_bad
+                self.note(f"L1 entry {l1_index}: {problem}")
+        if l1_changed:
+            await self._repair_write(l1_offset, fmt.encode_table(l1))
+
+        # Phase B: the data clusters of every accepted L2 table.
+        for l1_index, table_offset in tables:
+            await self._check_l2(l1_index, table_offset, repair=repair)
+        if self.n_writes:
+            await self.file.fdatasync()
+
+        if self.check_errors == 0:
+            await self._count_leaks(repair=repair)
+        if repair and self._n_duplicates:
+            await self._repair_duplicates()
+        self.finish_messages()
+
+    async def _check_l2(self, l1_index: int, table_offset: int, *, repair: bool) -> None:
+        geo = self.geo
+        cs = self.cs
+        try:
+            raw = await self.file.pread(table_offset, geo.table_bytes)
+        except OSError as exc:
+            self.check_errors += 1
+            self.note(f"cannot read the L2 table at {table_offset:#x} (L1 entry {l1_index}): {exc}")
+            return
+        entries = fmt.decode_table(raw)
+        del raw
+        changed = False
+        previous: int | None = None
+        header_end = geo.header_end_offset
+        alloc_end = self.alloc_end
+        bits = self._bits
+        for l2_index, offset in enumerate(entries):
+            if offset <= fmt.ZERO_CLUSTER:
+                continue
+            self.allocated += 1
+            if previous is not None and offset != previous + cs:
+                self.fragmented += 1
+            previous = offset
+            if offset % cs == 0 and header_end <= offset < alloc_end:
+                cluster = offset // cs
+                mask = 1 << (cluster & 7)
+                if not bits[cluster >> 3] & mask:
+                    bits[cluster >> 3] |= mask
+                    continue
+                owner = self._owner(cluster)
+                if owner is None:
+                    self._duplicate(table_offset, l1_index, l2_index, offset, repair=repair)
+                    continue
+                problem = f"offset {offset:#x} points into {owner}"
+            else:
+                problem = self._why_not_cluster(offset)
+            where = (
+                f"L2 table {table_offset:#x} entry {l2_index} "
+                f"(guest offset {self._guest_pos(l1_index, l2_index):#x})"
+            )
+            if repair:
+                entries[l2_index] = fmt.UNALLOCATED
+                changed = True
+                self.corruptions_fixed += 1
+                self.note(f"{where}: {problem}; repaired: entry zeroed")
+            else:
+                self.corruptions += 1
+                self.note(f"{where}: {problem}")
+        if changed:
+            await self._repair_write(table_offset, fmt.encode_table(entries))
+
+    def _duplicate(
+        self, table_offset: int, l1_index: int, l2_index: int, offset: int, *, repair: bool
+    ) -> None:
+        where = (
+            f"L2 table {table_offset:#x} entry {l2_index} "
+            f"(guest offset {self._guest_pos(l1_index, l2_index):#x})"
+        )
+        problem = f"cluster {offset:#x} is also referenced by another L2 entry"
+        if repair and self._n_duplicates < min(MAX_DUPLICATE_REPAIRS, self.n_clusters):
+            self._duplicates.extend((table_offset, l2_index, offset))
+            self._n_duplicates += 1
+            return  # counted and described when repaired
+        self.corruptions += 1
+        if repair:
+            problem += " (not repaired: too many duplicates for one run)"
+        self.note(f"{where}: {problem}")
+
+    async def _count_leaks(self, *, repair: bool) -> None:
+        """Count unreferenced clusters; in repair mode truncate the trailing ones."""
+        n = self.n_clusters
+        bits = self._bits
+        used = 0
+        for start in range(0, len(bits), _CHUNK):
+            used += int.from_bytes(bits[start : start + _CHUNK], "little").bit_count()
+        self.leaks = n - used
+        last_used = self._last_used()
+        used_end = (last_used + 1) * self.cs
+        n_trailing = n - (last_used + 1)
+        self._describe_leaks(last_used + 1, repair=repair)
+        if n_trailing:
+            suffix = f"; repaired: file truncated to {used_end:#x}" if repair else ""
+            self.note(
+                f"clusters {used_end:#x}..{self.alloc_end - 1:#x} "
+                f"({_plural(n_trailing, 'cluster')}) at the end of the file are not "
+                f"referenced: leaked{suffix}"
+            )
+        if repair and self.file_size > used_end:
+            await self.ensure_need_check()
+            await self.file.ftruncate(used_end)
+            await self.file.fdatasync()
+            if not n_trailing:
+                self.note(f"file truncated to {used_end:#x} (partial trailing cluster removed)")
+            self.leaks -= n_trailing
+            self.leaks_fixed += n_trailing
+            self.file_size = self.alloc_end = used_end
+            self.n_clusters = last_used + 1
+
+    def _last_used(self) -> int:
+        """Index of the last marked cluster (cluster 0 is always marked)."""
+        bits = self._bits
+        end = len(bits)
+        while end > 0:
+            start = max(0, end - _CHUNK)
+            chunk = bits[start:end]
+            stripped = chunk.rstrip(b"\0")
+            if stripped:
+                byte_index = start + len(stripped) - 1
+                return byte_index * 8 + bits[byte_index].bit_length() - 1
+            end = start
+        return 0
+
+    def _describe_leaks(self, stop: int, *, repair: bool) -> None:
+        """One message per run of unreferenced clusters below ``stop`` (interior leaks)."""
+        bits = self._bits
+        cs = self.cs
+        cluster = 0
+        full = b"\xff" * _CHUNK
+        while cluster < stop and len(self.messages) < MAX_MESSAGES:
+            byte_index = cluster >> 3
+            if cluster & 7 == 0 and bits[byte_index : byte_index + _CHUNK] == full:
+                cluster += _CHUNK * 8
+                continue
+            if cluster & 7 == 0 and bits[byte_index] == 0xFF:
+                cluster += 8
+                continue
+            if self._test(cluster):
+                cluster += 1
+                continue
+            run_start = cluster
+            while cluster < stop and not self._test(cluster):
+                if cluster & 7 == 0 and bits[cluster >> 3] == 0:
+                    cluster += 8
+                else:
+                    cluster += 1
+            cluster = min(cluster, stop)
+            n_run = cluster - run_start
+            self.note(
+                f"clusters {run_start * cs:#x}..{cluster * cs - 1:#x} "
+                f"({_plural(n_run, 'cluster')}) are not referenced: leaked"
+                + ("; cannot be reclaimed (not at the end of the file)" if repair else "")
+            )
+
+    async def _repair_duplicates(self) -> None:
+        """Give each extra reference its own copy of the shared cluster."""
+        cs = self.cs
+        dups = self._duplicates
+        copies: dict[int, list[tuple[int, int, int]]] = {}  # table -> [(index, old, new)]
+        for k in range(0, len(dups), 3):
+            table_offset, l2_index, offset = dups[k], dups[k + 1], dups[k + 2]
+            try:
+                data = await self.file.pread(offset, cs)
+            except OSError as exc:
+                self.check_errors += 1
+                self.corruptions += 1
+                self.note(f"cannot read cluster {offset:#x} to copy it: {exc}")
+                continue
+            new_offset = self.alloc_end
+            await self._repair_write(new_offset, data)
+            self.alloc_end += cs
+            copies.setdefault(table_offset, []).append((l2_index, offset, new_offset))
+        if not copies:
+            return
+        await self.file.fdatasync()
+        for table_offset, changes in copies.items():
+            try:
+                entries = fmt.decode_table(
+                    await self.file.pread(table_offset, self.geo.table_bytes)
+                )
+            except OSError as exc:
+                self.check_errors += 1
+                self.corruptions += len(changes)
+                self.note(f"cannot re-read the L2 table at {table_offset:#x}: {exc}")
+                continue
+            l1_index = self._tables[table_offset // cs]
+            for l2_index, offset, new_offset in changes:
+                entries[l2_index] = new_offset
+                self.corruptions_fixed += 1
+                self.note(
+                    f"L2 table {table_offset:#x} entry {l2_index} "
+                    f"(guest offset {self._guest_pos(l1_index, l2_index):#x}): cluster "
+                    f"{offset:#x} is also referenced by another L2 entry; repaired: "
+                    f"copied to {new_offset:#x}"
+                )
+            await self._repair_write(table_offset, fmt.encode_table(entries))
+        await self.file.fdatasync()
+
+
+def _report(first: _Pass, final: _Pass, header: fmt.Header) -> CheckReport:
+    cs = header.cluster_size
+    return CheckReport(
+        image_size=header.image_size,
+        cluster_size=cs,
+        total_clusters=-(-header.image_size // cs),
+        allocated_clusters=final.allocated,
+        fragmented_clusters=final.fragmented,
+        leaks=final.leaks,
+        leaks_fixed=first.leaks_fixed,
+        corruptions=final.corruptions,
+        corruptions_fixed=first.corruptions_fixed,
+        check_errors=final.check_errors,
+        need_check=final.need_check_on_disk,
+        messages=first.messages,
+    )
+
+
+async def check_image(file: BlockFile, *, repair: bool | str | None = False) -> CheckReport:
+    """Check (and with ``repair`` set, repair) the QED image on ``file``.
+
+    ``repair``: False/None checks only and never writes; ``True``, ``"all"`` and ``"leaks"``
+    fix corruptions and reclaim trailing leaks (see the module docstring).  Raises
+    :class:`~qedfuse.errors.FormatError` for a header that does not validate, ``OSError`` if
+    the header cannot be read or a repair write fails; I/O errors reading tables are
+    counted in ``check_errors`` instead.
+    """
+    fixing = _repair_flag(repair)
+    if fixing and file.read_only:
+        raise ReadOnlyError("cannot repair an image opened read-only")
+    header, geometry, file_size = await read_header(file)
+    first = _Pass(file, header, geometry, file_size)
+    await first.run(repair=fixing)
+    final = first
+    if fixing and (first.n_writes or first.leaks_fixed or first.file_size != file_size):
+        # Double-check the repaired image, as qemu-img check -r does.
+        header, geometry, file_size = await read_header(file)
+        final = _Pass(file, header, geometry, file_size)
+        await final.run(repair=False)
+        remaining = [
+            _plural(n, noun)
+            for n, noun in (
+                (final.corruptions, "corruption"),
+                (final.leaks, "leaked cluster"),
+                (final.check_errors, "check error"),
+            )
+            if n
+        ]
+        if remaining:
+            first.messages.append(f"after repair: {' and '.join(remaining)} remain")
+    if fixing and final.need_check_on_disk and final.corruptions == 0 and final.check_errors == 0:
+        await file.fdatasync()
+        clean = final.header.replace(features=final.header.features & ~fmt.Feature.NEED_CHECK)
+        await file.pwrite(0, clean.pack())
+        await file.fdatasync()
+        final.need_check_on_disk = False
+        final.header = clean
+    return _report(first, final, final.header)
+
+
+__all__ = ["MAX_CLUSTERS", "CheckReport", "check_image"]
