@@ -503,7 +503,13 @@ class QedImage:
 
     async def write_zeroes(self, pos: int, size: int) -> None:
         """Zero a guest range, using zero clusters / no allocation where possible."""
+        self._check_writable()
         end = pos + size
+        # Refuse up front, as write() does: a range running past the end zeroes nothing.
+        if pos < 0 or size < 0 or end > self.image_size:
+            raise OutOfRangeError(
+                f"write of {size} bytes at {pos} is past the end of the image ({self.image_size})"
+            )
         while pos < end:
             n = min(end - pos, ZERO_CHUNK_SIZE)
             await self.write(pos, memoryview(_ZERO_CHUNK)[:n], detect_zeroes=True)
