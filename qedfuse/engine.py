@@ -308,9 +308,10 @@ class QedImage:
         self._meta_clusters: set[int] = set()
         for offset in range(l1_start, l1_end, geo.cluster_size):
             self._meta_clusters.add(offset)
-        for offset, index in candidates:
-            if index not in self._l1_bad:
-                self._add_meta_table(offset)
+        # Overlapping tables are refused above but are still L2 metadata: a data entry
+        # pointing into one must be refused too, not written through.
+        for offset, _index in candidates:
+            self._add_meta_table(offset)
         if self._l1_bad:
             log.warning(
                 "%d invalid L1 entries; the guest ranges they map will fail with EIO",
