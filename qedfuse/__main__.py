@@ -1,0 +1,7 @@
+"""``python -m qedfuse``: the same as the ``qedfuse`` console script."""
+
+from __future__ import annotations
+
+from qedfuse.cli import main
+
+raise SystemExit(main())

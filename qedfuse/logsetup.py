@@ -1,0 +1,132 @@
+"""Logging configuration: the only place that installs handlers (modules only log).
+
+* stderr by default: ``qedfuse: warning: …`` lines, so a warning reads like the one-line
+  errors the CLI prints; with ``debug`` every record carries a timestamp and logger name;
+* journald level prefixes (``<4>…``) when ``systemd`` is set or ``JOURNAL_STREAM`` says
+  stderr is connected to the journal (systemd then files each line at its level);
+* ``log_file``: records go to that file (with timestamps) instead of stderr, and fatal
+  tracebacks from :mod:`faulthandler` go there too;
+* :mod:`faulthandler` is enabled, and ``SIGUSR1`` dumps every thread's stack.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import logging
+import os
+import signal
+import sys
+from typing import IO, Final
+
+#: syslog priorities journald understands as ``<N>`` line prefixes.
+_JOURNAL_PRIORITY: Final = {
+    logging.CRITICAL: 2,
+    logging.ERROR: 3,
+    logging.WARNING: 4,
+    logging.INFO: 6,
+    logging.DEBUG: 7,
+}
+_TIME_FORMAT: Final = "%Y-%m-%d %H:%M:%S"
+
+# Handlers and the faulthandler file we installed, so a second call replaces them.
+_installed: list[logging.Handler] = []
+_fault_file: IO[str] | None = None
+
+
+class _JournalFormatter(logging.Formatter):
+    """Prefix each line with its journald priority (``<3>`` error … ``<7>`` debug)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = _JOURNAL_PRIORITY.get(record.levelno)
+        if priority is None:
+            priority = 7 if record.levelno < logging.INFO else 3
+        text = super().format(record)
+        # A multi-line record (a traceback) keeps its priority on every line.
+        return "\n".join(f"<{priority}>{line}" for line in text.splitlines())
+
+
+class _CliFormatter(logging.Formatter):
+    """``qedfuse: warning: message`` (levels below WARNING show no level word)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if record.levelno >= logging.WARNING:
+            return f"qedfuse: {record.levelname.lower()}: {text}"
+        return f"qedfuse: {text}"
+
+
+def journal_wanted(systemd: bool) -> bool:
+    """True when stderr lines should carry journald priority prefixes."""
+    return systemd or bool(os.environ.get("JOURNAL_STREAM"))
+
+
+def setup_logging(
+    debug: bool,
+    *,
+    log_file: str | None = None,
+    systemd: bool = False,
+    level: int | None = None,
+) -> None:
+    """Install qedfuse's log handlers on the root logger (replacing earlier ones).
+
+    ``level`` overrides the threshold (default: DEBUG with ``debug``, else INFO).
+    """
+    root = logging.getLogger()
+    for handler in _installed:
+        root.removeHandler(handler)
+        handler.close()
+    _installed.clear()
+
+    new: logging.Handler
+    if log_file is not None:
+        new = logging.FileHandler(log_file, encoding="utf-8")
+        new.setFormatter(
+            logging.Formatter(
+                "%(asctime)s.%(msecs)03d %(process)d %(levelname)s %(name)s: %(message)s",
+                _TIME_FORMAT,
+            )
+        )
+    else:
+        new = logging.StreamHandler(sys.stderr)
+        if journal_wanted(systemd):
+            detail = "%(name)s: " if debug else ""
+            new.setFormatter(_JournalFormatter(detail + "%(message)s"))
+        elif debug:
+            new.setFormatter(
+                logging.Formatter(
+                    "%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s", _TIME_FORMAT
+                )
+            )
+        else:
+            new.setFormatter(_CliFormatter("%(message)s"))
+    root.addHandler(new)
+    _installed.append(new)
+    if level is None:
+        level = logging.DEBUG if debug else logging.INFO
+    root.setLevel(level)
+    # trio and pyfuse3 are chatty at DEBUG; keep them at INFO unless asked for (--debug only
+    # covers qedfuse's own loggers).
+    for name in ("trio", "pyfuse3"):
+        logging.getLogger(name).setLevel(max(level, logging.INFO))
+
+    _enable_faulthandler(log_file)
+
+
+def _enable_faulthandler(log_file: str | None) -> None:
+    global _fault_file
+    if _fault_file is not None:
+        _fault_file.close()
+        _fault_file = None
+    target: IO[str] = sys.stderr
+    if log_file is not None:
+        _fault_file = open(log_file, "a", encoding="utf-8")  # noqa: SIM115 (kept open)
+        target = _fault_file
+    try:
+        faulthandler.enable(file=target, all_threads=True)
+        faulthandler.register(signal.SIGUSR1, file=target, all_threads=True, chain=False)
+    except (ValueError, OSError, RuntimeError):
+        # stderr may be closed (daemonized without a log): nothing useful to enable.
+        pass
+
+
+__all__ = ["journal_wanted", "setup_logging"]

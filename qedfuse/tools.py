@@ -1,0 +1,1068 @@
+"""The offline commands: create, info, check, convert, map, resize, commit.
+
+Each command is an ``async`` function (run with :func:`trio.run` by :mod:`qedfuse.cli`)
+that returns a result object and prints nothing; ``cli`` formats the output.  The heavy
+lifting is the engine's (:mod:`qedfuse.engine`, :mod:`qedfuse.backing`, :mod:`qedfuse.check`).
+
+Errors a user can cause raise :class:`CliError` (or another
+:class:`~qedfuse.errors.QedError`) with a one-line message worded like qemu-img's, e.g.
+``Could not open 'x.qed': QED cluster size is invalid``.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import os
+import re
+import stat
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import TYPE_CHECKING, Final
+
+from qedfuse import format as fmt
+from qedfuse.backing import RawImage, backing_chain, open_path, resolve_backing_name
+from qedfuse.engine import (
+    GuestSource,
+    Kind,
+    OpenOptions,
+    QedImage,
+    create_image,
+    open_image,
+    read_backing_name,
+    read_header,
+)
+from qedfuse.errors import BackingFileError, QedError
+from qedfuse.imagefile import BlockFile, FileImage
+from qedfuse.locking import LockMode, lock_image
+
+if TYPE_CHECKING:
+    from qedfuse.check import CheckReport
+
+#: Bytes read or written at once by convert and commit (bounded memory).
+CHUNK_SIZE: Final = 4 * 1024 * 1024
+#: Granularity of zero detection for sparse raw output (qemu-img convert's default -S).
+SPARSE_BLOCK_SIZE: Final = 4096
+#: Guest bytes whose mapping is listed at once (bounds the extent lists of huge images).
+WINDOW_SIZE: Final = 1 << 30
+_ZEROS: Final = bytes(max(CHUNK_SIZE, fmt.MAX_CLUSTER_SIZE))
+_MAX_SIZE: Final = (1 << 63) - 1
+
+#: Progress callback: (bytes done, bytes total).
+Progress = Callable[[int, int], None]
+
+
+class CliError(QedError):
+    """A user-facing failure with the exit status the command should return."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class UsageError(CliError):
+    """A bad command line (exit status 2, like argparse's errors)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, 2)
+
+
+# ---------------------------------------------------------------------- sizes and options
+
+_SIZE_RE: Final = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)\s*([bkmgtpe]?)$", re.IGNORECASE)
+_SUFFIX_SHIFT: Final = {"": 0, "b": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``1234``, ``64k``, ``1.5G`` … (binary suffixes K M G T P E, case-insensitive).
+
+    A fractional byte count is rounded up.
+    """
+    match = _SIZE_RE.match(text.strip())
+    if match is None:
+        raise UsageError(
+            f"invalid size {text!r}: give bytes, optionally with a K, M, G, T, P or E suffix "
+            "(powers of 1024)"
+        )
+    number, suffix = match.groups()
+    value = math.ceil(Fraction(number) * (1 << _SUFFIX_SHIFT[suffix.lower()]))
+    if value > _MAX_SIZE:
+        raise UsageError(f"size {text!r} is too large")
+    return value
+
+
+def round_up_sector(size: int) -> int:
+    """Round up to a multiple of 512, as ``qemu-img create`` does (1000 → 1024)."""
+    return -(-size // fmt.SECTOR_SIZE) * fmt.SECTOR_SIZE
+
+
+@dataclass(frozen=True, slots=True)
+class CreateOptions:
+    """``-o cluster_size=…,table_size=…``."""
+
+    cluster_size: int = fmt.DEFAULT_CLUSTER_SIZE
+    table_size: int = fmt.DEFAULT_TABLE_SIZE
+
+
+def parse_create_options(specs: list[str]) -> CreateOptions:
+    """Parse the ``-o`` option strings of create and convert (later values win)."""
+    values: dict[str, int] = {}
+    for spec in specs:
+        for item in spec.split(","):
+            if not item:
+                continue
+            key, sep, value = item.partition("=")
+            key = key.strip().replace("-", "_")
+            if key not in ("cluster_size", "table_size"):
+                raise UsageError(f"invalid option {key!r} (QED options: cluster_size, table_size)")
+            if not sep:
+                raise UsageError(f"option {key!r} needs a value ({key}=N)")
+            values[key] = parse_size(value) if key == "cluster_size" else _parse_int(key, value)
+    return CreateOptions(**values)
+
+
+def _parse_int(key: str, value: str) -> int:
+    try:
+        return int(value, 0)
+    except ValueError:
+        raise UsageError(f"option {key!r}: {value!r} is not a number") from None
+
+
+# ---------------------------------------------------------------------- opening
+
+
+def _check_path(path: str, *, writable: bool) -> None:
+    """Fail like qemu-img (``Could not open 'x': No such file or directory``) before opening."""
+    try:
+        st = os.stat(path)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+        fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+        os.close(fd)
+    except OSError as exc:
+        raise CliError(f"Could not open '{path}': {exc.strerror or exc}") from exc
+
+
+def _lock(fd: int, mode: LockMode, path: str) -> None:
+    """QEMU's lock bytes on ``fd`` (the path only names the image in a conflict message)."""
+    lock_image(fd, mode, os.path.abspath(path))
+
+
+def _absolute(path: str) -> str:
+    return os.path.abspath(path)
+
+
+def _open_failed(path: str, exc: Exception) -> CliError:
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return CliError(f"Could not open '{path}': {text}")
+
+
+async def open_top(
+    path: str,
+    *,
+    read_only: bool,
+    lock_mode: LockMode | None = None,
+    with_backing: bool = True,
+) -> QedImage:
+    """Open a QED image for a command; errors read ``Could not open 'path': …``.
+
+    Without ``with_backing`` only the image itself is opened (like qemu-img's
+    ``BDRV_O_NO_BACKING``), so ``info`` works on an overlay whose backing file is missing.
+    """
+    _check_path(path, writable=not read_only)
+    mode = lock_mode or (LockMode.READ_ONLY if read_only else LockMode.READ_WRITE)
+    try:
+        if with_backing:
+            return await open_path(path, read_only=read_only, lock_mode=mode)
+        file = FileImage.open(path, read_only=read_only)
+        try:
+            _lock(file.fd, mode, path)
+            return await open_image(file, read_only=read_only)
+        except BaseException:
+            await file.aclose()
+            raise
+    except (QedError, OSError) as exc:
+        raise _open_failed(path, exc) from exc
+
+
+async def _open_raw(path: str, *, lock_mode: LockMode) -> RawImage:
+    _check_path(path, writable=False)
+    try:
+        file = FileImage.open(path, read_only=True)
+    except OSError as exc:
+        raise _open_failed(path, exc) from exc
+    try:
+        _lock(file.fd, lock_mode, path)
+        return RawImage(file, await file.size())
+    except BaseException as exc:
+        await file.aclose()
+        if isinstance(exc, (QedError, OSError)):
+            raise _open_failed(path, exc) from exc
+        raise
+
+
+#: Magics of formats that must not be read as raw data.
+_OTHER_MAGICS: Final = {
+    b"QFI\xfb": "qcow2",
+    b"conectix": "vpc",
+    b"vhdxfile": "vhdx",
+    b"KDMV": "vmdk",
+}
+
+
+async def detect_format(path: str) -> str:
+    """``qed`` or ``raw`` from the first bytes of ``path``; other image formats are refused."""
+    _check_path(path, writable=False)
+    try:
+        probe = FileImage.open(path, read_only=True)
+    except OSError as exc:
+        raise _open_failed(path, exc) from exc
+    try:
+        magic = await probe.pread(0, 8)
+    finally:
+        await probe.aclose()
+    if len(magic) >= 4 and int.from_bytes(magic[:4], "little") == fmt.QED_MAGIC:
+        return "qed"
+    for prefix, name in _OTHER_MAGICS.items():
+        if magic.startswith(prefix):
+            raise CliError(
+                f"'{path}' is a {name} image; only raw and qed are supported (convert it with "
+                f"qemu-img first, or pass -f raw to read it as raw bytes)"
+            )
+    return "raw"
+
+
+async def _chain_layers(top: QedImage, top_name: str) -> list[tuple[GuestSource, str]]:
+    """Every layer of an open chain with the name qemu-img shows for it: a relative backing
+    name is joined to the directory of the name of the image that stores it."""
+    layers: list[tuple[GuestSource, str]] = [(top, top_name)]
+    layer: GuestSource = top
+    name = top_name
+    while isinstance(layer, QedImage) and layer.backing is not None:
+        text = os.fsdecode(await read_backing_name(layer.file, layer.header) or b"")
+        name = text if os.path.isabs(text) else os.path.join(os.path.dirname(name), text)
+        layer = layer.backing
+        layers.append((layer, name))
+    return layers
+
+
+def _file_ids(top: GuestSource) -> set[tuple[int, int]]:
+    """(st_dev, st_ino) of every file in an open chain."""
+    ids: set[tuple[int, int]] = set()
+    layer: GuestSource | None = top
+    while layer is not None:
+        file = layer.file if isinstance(layer, (QedImage, RawImage)) else None
+        if isinstance(file, FileImage) and file.fd >= 0:
+            st = os.fstat(file.fd)
+            ids.add((st.st_dev, st.st_ino))
+        layer = layer.backing if isinstance(layer, QedImage) else None
+    return ids
+
+
+# ---------------------------------------------------------------------- create
+
+
+@dataclass(frozen=True, slots=True)
+class CreateResult:
+    path: str
+    image_size: int
+    cluster_size: int
+    table_size: int
+    backing_name: str | None
+    backing_format: str | None
+
+
+def _create_target(path: str, *, force: bool) -> tuple[int, bool]:
+    """Open ``path`` for (re)writing: (fd, created).  Refuses a non-empty file without force."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        return fd, True
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise CliError(f"{path}: {exc.strerror or exc}") from exc
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        raise CliError(f"{path}: {exc.strerror or exc}") from exc
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise CliError(f"{path}: not a regular file")
+    if st.st_size > 0 and not force:
+        os.close(fd)
+        raise CliError(f"{path}: file exists and is not empty (use --force to overwrite it)")
+    return fd, False
+
+
+async def create(
+    path: str,
+    size: int | None,
+    *,
+    cluster_size: int = fmt.DEFAULT_CLUSTER_SIZE,
+    table_size: int = fmt.DEFAULT_TABLE_SIZE,
+    backing: str | None = None,
+    backing_format: str | None = None,
+    force: bool = False,
+) -> CreateResult:
+    """Create an empty QED image (``size`` is rounded up to 512 bytes, as qemu-img does).
+
+    ``backing`` is stored as given; a relative name is relative to the new image's directory.
+    Without ``size`` the backing image's size is used.
+    """
+    backing_raw = False
+    if backing is not None:
+        if backing_format is None:
+            raise UsageError("Backing file specified without backing format (use -F raw or -F qed)")
+        if backing_format not in ("raw", "qed"):
+            raise UsageError(f"unsupported backing format {backing_format!r} (raw or qed)")
+        backing_raw = backing_format == "raw"
+        backing_size = await _backing_size(path, backing, backing_format)
+        if size is None:
+            size = backing_size
+    elif backing_format is not None:
+        raise UsageError("-F needs a backing file (-b)")
+    if size is None:
+        raise UsageError(f"{path}: Image creation needs a size parameter")
+    size = round_up_sector(size)
+    name = os.fsencode(backing) if backing is not None else b""
+    try:
+        fmt.check_create_params(size, cluster_size, table_size)
+        if fmt.HEADER_STRUCT_SIZE + len(name) > cluster_size:
+            raise QedError(
+                f"backing file name of {len(name)} bytes does not fit in the header cluster"
+            )
+    except QedError as exc:
+        raise CliError(f"{path}: {exc}") from exc
+    fd, created = _create_target(path, force=force)
+    file = FileImage(fd, read_only=False)
+    try:
+        _lock(fd, LockMode.READ_WRITE, path)
+        await create_image(
+            file,
+            size,
+            cluster_size=cluster_size,
+            table_size=table_size,
+            backing_name=name,
+            backing_raw=backing_raw,
+        )
+    except BaseException as exc:
+        await file.aclose()
+        if created:
+            _unlink_quietly(path)
+        if isinstance(exc, (QedError, OSError)):
+            text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise CliError(f"{path}: {text}") from exc
+        raise
+    await file.aclose()
+    return CreateResult(path, size, cluster_size, table_size, backing, backing_format)
+
+
+async def _backing_size(image_path: str, backing: str, backing_format: str) -> int:
+    """Open the named backing image (as the new image will) and return its guest size."""
+    try:
+        resolved = resolve_backing_name(os.fsencode(backing), image_path)
+    except BackingFileError as exc:
+        raise CliError(f"{image_path}: {exc}") from exc
+    try:
+        if backing_format == "raw":
+            _check_path(resolved, writable=False)
+            return round_up_sector(os.stat(resolved).st_size)
+        if await detect_format(resolved) != "qed":
+            raise CliError(f"backing file '{backing}' is not a QED image (use -F raw?)")
+        image = await open_top(resolved, read_only=True, lock_mode=LockMode.SHARED)
+        async with image:
+            return image.image_size
+    except CliError as exc:
+        raise CliError(f"{image_path}: Could not open backing image: {exc}") from exc
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------------- info
+
+_FEATURE_NAMES: Final = {
+    fmt.Feature.BACKING_FILE: "backing-file",
+    fmt.Feature.NEED_CHECK: "need-check",
+    fmt.Feature.BACKING_FORMAT_NO_PROBE: "backing-format-no-probe",
+}
+
+
+def feature_names(features: int) -> list[str]:
+    """Names of the incompatible feature bits; unknown bits as hex."""
+    names = [name for bit, name in _FEATURE_NAMES.items() if features & bit]
+    unknown = features & ~fmt.KNOWN_FEATURES
+    if unknown:
+        names.append(f"unknown {unknown:#x}")
+    return names
+
+
+@dataclass
+class ImageInfo:
+    """What ``qedfuse info`` shows."""
+
+    filename: str
+    header: fmt.Header
+    file_length: int
+    actual_size: int  # st_blocks * 512
+    allocated_size: int
+    backing_filename: str | None = None
+    full_backing_filename: str | None = None
+    backing_format: str | None = None  # recorded in the image (raw) or None (probed)
+    chain: list[tuple[str, str]] = field(default_factory=list)
+    chain_error: str | None = None
+
+    @property
+    def dirty(self) -> bool:
+        return self.header.need_check
+
+    def to_json(self) -> dict[str, object]:
+        """qemu-img info's keys where they apply, plus ``format-specific`` and the chain."""
+        h = self.header
+        out: dict[str, object] = {
+            "virtual-size": h.image_size,
+            "filename": self.filename,
+            "cluster-size": h.cluster_size,
+            "format": "qed",
+            "actual-size": self.actual_size,
+            "dirty-flag": self.dirty,
+        }
+        if self.backing_filename is not None:
+            out["backing-filename"] = self.backing_filename
+            out["full-backing-filename"] = self.full_backing_filename
+            if self.backing_format is not None:
+                out["backing-filename-format"] = self.backing_format
+        out["format-specific"] = {
+            "type": "qed",
+            "data": {
+                "table-size": h.table_size,
+                "header-size": h.header_size,
+                "features": feature_names(h.features),
+                "compat-features": h.compat_features,
+                "autoclear-features": h.autoclear_features,
+                "l1-table-offset": h.l1_table_offset,
+                "allocated-size": self.allocated_size,
+                "file-length": self.file_length,
+            },
+        }
+        if self.chain:
+            out["backing-chain"] = [{"filename": p, "format": f} for p, f in self.chain]
+        if self.chain_error is not None:
+            out["backing-chain-error"] = self.chain_error
+        return out
+
+    def human_text(self) -> str:
+        h = self.header
+        cs = h.cluster_size
+        lines = [
+            f"image: {self.filename}",
+            "file format: qed",
+            f"virtual size: {human_size(h.image_size)} ({h.image_size} bytes)",
+            f"disk size: {human_size(self.actual_size)}",
+            f"cluster_size: {cs}",
+        ]
+        if self.backing_filename is not None:
+            line = f"backing file: {self.backing_filename}"
+            if self.full_backing_filename != self.backing_filename:
+                line += f" (actual path: {self.full_backing_filename})"
+            lines.append(line)
+            if self.backing_format is not None:
+                lines.append(f"backing file format: {self.backing_format}")
+            elif len(self.chain) > 1:
+                lines.append(f"backing file format: {self.chain[1][1]} (probed)")
+        if self.dirty:
+            lines.append("cleanly shut down: no")
+        lines += [
+            "Format specific information:",
+            f"    table size: {_plural(h.table_size, 'cluster')} ({h.table_size * cs} bytes each)",
+            f"    header size: {_plural(h.header_size, 'cluster')}",
+            f"    features: {', '.join(feature_names(h.features)) or 'none'}",
+            f"    dirty flag (need check): {'yes' if self.dirty else 'no'}",
+            f"    compat features: {h.compat_features:#x}",
+            f"    autoclear features: {h.autoclear_features:#x}",
+            f"    L1 table offset: {h.l1_table_offset:#x}",
+            f"    allocated: {human_size(self.allocated_size)} "
+            f"({_plural(self.allocated_size // cs, 'cluster')})",
+            f"    file length: {self.file_length} bytes",
+        ]
+        if len(self.chain) > 1:
+            chain = " -> ".join(f"{p} ({f})" for p, f in self.chain)
+            lines.append(f"    backing chain: {chain}")
+        if self.chain_error is not None:
+            lines.append(f"    backing chain: broken: {self.chain_error}")
+        return "\n".join(lines) + "\n"
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def human_size(size: int) -> str:
+    """``644 KiB``, ``1.5 KiB``, ``8 MiB``: three significant digits, next unit from 1000 up."""
+    units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"]
+    scaled = size * 1024 // 1000
+    exp = min((scaled.bit_length() - 1) // 10, len(units) - 1) if scaled > 0 else 0
+    return f"{size / (1 << (10 * exp)):.3g} {units[exp]}"
+
+
+async def info(path: str, *, force_share: bool = False) -> ImageInfo:
+    """Read the header, allocation and backing chain of ``path`` without writing anything."""
+    mode = LockMode.SHARED if force_share else LockMode.READ_ONLY
+    image = await open_top(path, read_only=True, lock_mode=mode, with_backing=False)
+    async with image:
+        header = image.header
+        st = os.fstat(image.file.fd) if isinstance(image.file, FileImage) else None
+        file_length = await image.file.size()
+        allocated = await image.allocated_bytes()
+        stored = await read_backing_name(image.file, header)
+    result = ImageInfo(
+        filename=path,
+        header=header,
+        file_length=file_length,
+        actual_size=st.st_blocks * 512 if st is not None else file_length,
+        allocated_size=allocated,
+    )
+    if stored:
+        text = os.fsdecode(stored)
+        result.backing_filename = text
+        result.full_backing_filename = (
+            text if os.path.isabs(text) else os.path.join(os.path.dirname(path), text)
+        )
+        if header.backing_is_raw:
+            result.backing_format = "raw"
+        try:
+            result.chain = await backing_chain(path)
+        except (QedError, OSError) as exc:
+            result.chain_error = str(exc)
+    else:
+        result.chain = [(_absolute(path), "qed")]
+    return result
+
+
+# ---------------------------------------------------------------------- check
+
+
+async def check(path: str, *, repair: str | None = None, force_share: bool = False) -> CheckReport:
+    """Run :func:`qedfuse.check.check_image` on ``path`` (opened directly, never auto-repaired).
+
+    ``repair`` is None (check only: read-only open and lock), ``"leaks"`` or ``"all"``.
+    """
+    from qedfuse.check import check_image
+
+    writable = repair is not None
+    _check_path(path, writable=writable)
+    try:
+        file = FileImage.open(path, read_only=not writable)
+    except OSError as exc:
+        raise _open_failed(path, exc) from exc
+    try:
+        if writable:
+            mode = LockMode.READ_WRITE
+        else:
+            mode = LockMode.SHARED if force_share else LockMode.READ_ONLY
+        try:
+            _lock(file.fd, mode, path)
+            await read_header(file)
+        except (QedError, OSError) as exc:
+            raise _open_failed(path, exc) from exc
+        try:
+            return await check_image(file, repair=repair or False)
+        except (QedError, OSError) as exc:
+            text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise CliError(f"Check failed: {text}") from exc
+    finally:
+        await file.aclose()
+
+
+# ---------------------------------------------------------------------- data runs
+
+
+def _raw_data_ranges(file: BlockFile, pos: int, end: int) -> list[tuple[int, int, bool]]:
+    """[(pos, length, is_data)] covering [pos, end) of a raw file, from SEEK_DATA/SEEK_HOLE."""
+    if not isinstance(file, FileImage) or file.fd < 0:
+        return [(pos, end - pos, True)]
+    out: list[tuple[int, int, bool]] = []
+    while pos < end:
+        try:
+            data_pos = os.lseek(file.fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # only a hole up to the end of the file
+                out.append((pos, end - pos, False))
+            else:  # the filesystem cannot tell: assume data
+                out.append((pos, end - pos, True))
+            break
+        data_pos = min(data_pos, end)
+        if data_pos > pos:
+            out.append((pos, data_pos - pos, False))
+        if data_pos >= end:
+            break
+        try:
+            hole_pos = min(os.lseek(file.fd, data_pos, os.SEEK_HOLE), end)
+        except OSError:
+            hole_pos = end
+        out.append((data_pos, hole_pos - data_pos, True))
+        pos = hole_pos
+    return out
+
+
+async def _maybe_data(source: GuestSource, pos: int, end: int) -> list[tuple[int, int]]:
+    """Guest ranges in [pos, end) that may hold non-zero bytes (everything else reads zero)."""
+    out: list[tuple[int, int]] = []
+    if isinstance(source, RawImage):
+        end = min(end, source.image_size)
+        out += [(p, n) for p, n, is_data in _raw_data_ranges(source.file, pos, end) if is_data]
+        return out
+    if not isinstance(source, QedImage):
+        return [(pos, end - pos)] if pos < end else []
+    for ext in await source.extents(pos, end - pos):
+        if ext.kind is Kind.DATA:
+            out.append((ext.pos, ext.length))
+        elif ext.kind is Kind.UNALLOCATED and source.backing is not None:
+            backing_end = min(ext.pos + ext.length, source.backing.image_size)
+            if ext.pos < backing_end:
+                out += await _maybe_data(source.backing, ext.pos, backing_end)
+    return out
+
+
+def _nonzero_blocks(data: bytes, block_size: int) -> list[tuple[int, int]]:
+    """[(offset, length)] of the runs of ``data`` made of blocks that are not all zero."""
+    runs: list[tuple[int, int]] = []
+    view = memoryview(data)
+    zero = memoryview(_ZEROS)
+    start = -1
+    for offset in range(0, len(data), block_size):
+        block = view[offset : offset + block_size]
+        if block == zero[: len(block)]:
+            if start >= 0:
+                runs.append((start, offset - start))
+                start = -1
+        elif start < 0:
+            start = offset
+    if start >= 0:
+        runs.append((start, len(data) - start))
+    return runs
+
+
+# ---------------------------------------------------------------------- convert
+
+
+@dataclass(frozen=True, slots=True)
+class ConvertResult:
+    image_size: int
+    bytes_written: int  # guest bytes written to the destination (non-zero blocks)
+
+
+async def convert(
+    src: str,
+    dst: str,
+    *,
+    dst_format: str,
+    src_format: str | None = None,
+    cluster_size: int = fmt.DEFAULT_CLUSTER_SIZE,
+    table_size: int = fmt.DEFAULT_TABLE_SIZE,
+    force: bool = False,
+    force_share: bool = False,
+    progress: Progress | None = None,
+) -> ConvertResult:
+    """Copy the guest view of ``src`` (a whole QED chain, flattened) into a new ``dst``.
+
+    Zero ranges are never written: a raw destination stays sparse, a QED destination gets no
+    clusters for them.  Reads and writes go in :data:`CHUNK_SIZE` pieces.
+    """
+    if dst_format not in ("raw", "qed"):
+        raise UsageError(f"unsupported output format {dst_format!r} (raw or qed)")
+    if src_format is None:
+        src_format = await detect_format(src)
+    elif src_format not in ("raw", "qed"):
+        raise UsageError(f"unsupported input format {src_format!r} (raw or qed)")
+    mode = LockMode.SHARED if force_share else LockMode.READ_ONLY
+    source: GuestSource
+    if src_format == "qed":
+        source = await open_top(src, read_only=True, lock_mode=mode)
+    else:
+        source = await _open_raw(src, lock_mode=mode)
+    try:
+        size = source.image_size
+        if dst_format == "qed":
+            size = round_up_sector(size)
+            try:
+                fmt.check_create_params(size, cluster_size, table_size)
+            except QedError as exc:
+                raise CliError(f"{dst}: {exc}") from exc
+        fd, created = _create_target(dst, force=force)
+        try:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) in _file_ids(source):
+                raise CliError(f"{dst}: is the source image or one of its backing files")
+            _lock(fd, LockMode.READ_WRITE, dst)
+        except BaseException:
+            os.close(fd)
+            if created:
+                _unlink_quietly(dst)
+            raise
+        out = FileImage(fd, read_only=False)
+        try:
+            if dst_format == "raw":
+                written = await _convert_to_raw(source, out, progress)
+            else:
+                written = await _convert_to_qed(
+                    source, out, size, cluster_size, table_size, progress
+                )
+        except BaseException as exc:
+            await out.aclose()
+            _unlink_quietly(dst)
+            if isinstance(exc, OSError):
+                raise CliError(f"{dst}: error while writing: {exc.strerror or exc}") from exc
+            raise
+        await out.aclose()
+        return ConvertResult(size, written)
+    finally:
+        await source.aclose()
+
+
+async def _copy_nonzero(
+    source: GuestSource,
+    size: int,
+    write: Callable[[int, bytes], Awaitable[None]],
+    block_size: int,
+    progress: Progress | None,
+) -> int:
+    """Read every range of ``source`` that may hold data; ``await write(pos, data)`` the
+    non-zero blocks.  Returns bytes written."""
+    written = 0
+    window = 0
+    if progress is not None:
+        progress(0, size)
+    while window < size:
+        window_end = min(size, window + WINDOW_SIZE)
+        for run_pos, run_length in await _maybe_data(source, window, window_end):
+            pos = run_pos
+            run_end = run_pos + run_length
+            while pos < run_end:
+                # Chunks aligned to CHUNK_SIZE, so a QED destination gets whole clusters.
+                chunk_end = min(run_end, (pos // CHUNK_SIZE + 1) * CHUNK_SIZE)
+                data = await source.read_padded(pos, chunk_end - pos)
+                for offset, length in _nonzero_blocks(data, block_size):
+                    await write(pos + offset, data[offset : offset + length])
+                    written += length
+                pos = chunk_end
+                if progress is not None:
+                    progress(pos, size)
+        window = window_end
+        if progress is not None:
+            progress(window, size)
+    return written
+
+
+async def _convert_to_raw(source: GuestSource, out: FileImage, progress: Progress | None) -> int:
+    size = source.image_size
+    await out.ftruncate(0)
+    await out.ftruncate(size)
+    written = await _copy_nonzero(source, size, out.pwrite, SPARSE_BLOCK_SIZE, progress)
+    await out.fdatasync()
+    return written
+
+
+async def _convert_to_qed(
+    source: GuestSource,
+    out: FileImage,
+    size: int,
+    cluster_size: int,
+    table_size: int,
+    progress: Progress | None,
+) -> int:
+    await create_image(out, size, cluster_size=cluster_size, table_size=table_size)
+    image = await open_image(out, read_only=False, options=OpenOptions(repair_on_open=False))
+    async with image:
+        # The engine skips all-zero clusters itself; whole clusters are the unit here.
+        written = await _copy_nonzero(source, size, image.write, cluster_size, progress)
+    return written
+
+
+# ---------------------------------------------------------------------- map
+
+
+@dataclass(slots=True)
+class MapEntry:
+    """One run of ``qedfuse map`` (qemu-img map's fields)."""
+
+    start: int
+    length: int
+    depth: int
+    present: bool
+    zero: bool
+    data: bool
+    offset: int | None
+    filename: str
+
+    def to_json(self) -> dict[str, object]:
+        out: dict[str, object] = {
+            "start": self.start,
+            "length": self.length,
+            "depth": self.depth,
+            "present": self.present,
+            "zero": self.zero,
+            "data": self.data,
+        }
+        if self.offset is not None:
+            out["offset"] = self.offset
+        return out
+
+
+def _continues(last_offset: int | None, last_length: int, offset: int | None) -> bool:
+    """Both without a host offset, or the second host range right after the first."""
+    if last_offset is None or offset is None:
+        return last_offset is None and offset is None
+    return last_offset + last_length == offset
+
+
+class _MapBuilder:
+    def __init__(self, layers: list[tuple[GuestSource, str]]) -> None:
+        self.layers = layers
+        self.entries: list[MapEntry] = []
+
+    def emit(
+        self,
+        start: int,
+        length: int,
+        depth: int,
+        *,
+        present: bool,
+        zero: bool,
+        data: bool,
+        offset: int | None = None,
+    ) -> None:
+        if length <= 0:
+            return
+        filename = self.layers[depth][1]
+        last = self.entries[-1] if self.entries else None
+        if (
+            last is not None
+            and last.start + last.length == start
+            and (last.depth, last.present, last.zero, last.data, last.filename)
+            == (depth, present, zero, data, filename)
+            and (last.offset is None) == (offset is None)
+            and (
+                offset is None or (last.offset is not None and last.offset + last.length == offset)
+            )
+        ):
+            last.length += length
+            return
+        self.entries.append(MapEntry(start, length, depth, present, zero, data, offset, filename))
+
+    async def walk(self, depth: int, pos: int, end: int) -> None:
+        source = self.layers[depth][0]
+        if isinstance(source, RawImage):
+            raw_end = min(end, source.image_size)
+            for p, n, is_data in _raw_data_ranges(source.file, pos, raw_end):
+                self.emit(p, n, depth, present=True, zero=not is_data, data=is_data, offset=p)
+            self.emit(raw_end, end - raw_end, depth, present=False, zero=True, data=False)
+            return
+        assert isinstance(source, QedImage)
+        for ext in await source.extents(pos, end - pos):
+            ext_end = ext.pos + ext.length
+            if ext.kind is Kind.DATA:
+                self.emit(
+                    ext.pos, ext.length, depth, present=True, zero=False, data=True,
+                    offset=ext.host_offset,
+                )  # fmt: skip
+            elif ext.kind is Kind.ZERO:
+                self.emit(ext.pos, ext.length, depth, present=True, zero=True, data=False)
+            elif depth + 1 < len(self.layers):
+                backing_end = min(ext_end, self.layers[depth + 1][0].image_size)
+                if ext.pos < backing_end:
+                    await self.walk(depth + 1, ext.pos, backing_end)
+                start = max(ext.pos, backing_end)
+                self.emit(start, ext_end - start, depth, present=False, zero=True, data=False)
+            else:
+                self.emit(ext.pos, ext.length, depth, present=False, zero=True, data=False)
+
+
+async def map_image(path: str, *, force_share: bool = False) -> list[MapEntry]:
+    """The guest mapping of ``path`` through its whole backing chain, like ``qemu-img map``."""
+    mode = LockMode.SHARED if force_share else LockMode.READ_ONLY
+    image = await open_top(path, read_only=True, lock_mode=mode)
+    async with image:
+        builder = _MapBuilder(await _chain_layers(image, path))
+        pos = 0
+        while pos < image.image_size:
+            end = min(image.image_size, pos + WINDOW_SIZE)
+            await builder.walk(0, pos, end)
+            pos = end
+        return builder.entries
+
+
+def map_json(entries: list[MapEntry]) -> str:
+    """``qemu-img map --output=json``'s layout: one object per line in a JSON list."""
+    import json
+
+    def line(entry: MapEntry) -> str:
+        body = ", ".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in entry.to_json().items())
+        return "{ " + body + "}"
+
+    return "[" + ",\n".join(line(e) for e in entries) + "]\n"
+
+
+def map_human(entries: list[MapEntry]) -> str:
+    """qemu-img map's table: only ranges with data, with their host offset and file."""
+
+    def hexnum(value: int) -> str:
+        return f"{value:#x}" if value else "0"
+
+    lines = [f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File"]
+    for e in entries:
+        if e.data and not e.zero:
+            lines.append(
+                f"{hexnum(e.start):<16}{hexnum(e.length):<16}{hexnum(e.offset or 0):<16}"
+                f"{e.filename}"
+            )
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------- resize
+
+
+def parse_resize(text: str, old_size: int) -> int:
+    """``SIZE``, ``+SIZE`` (grow by) or ``-SIZE`` (refused: QED cannot shrink)."""
+    text = text.strip()
+    if text.startswith("+"):
+        return old_size + parse_size(text[1:])
+    if text.startswith("-"):
+        parse_size(text[1:])
+        raise CliError("Shrinking images is not supported")
+    return parse_size(text)
+
+
+async def resize(path: str, size_text: str) -> tuple[int, int]:
+    """Grow the guest size of ``path``; returns (old size, new size)."""
+    image = await open_top(path, read_only=False)
+    async with image:
+        old_size = image.image_size
+        new_size = parse_resize(size_text, old_size)
+        await image.resize(new_size)
+        return old_size, new_size
+
+
+# ---------------------------------------------------------------------- commit
+
+
+@dataclass(frozen=True, slots=True)
+class CommitResult:
+    backing_path: str
+    backing_format: str
+    bytes_committed: int  # guest bytes of DATA and ZERO clusters copied into the backing
+
+
+async def commit(path: str, *, progress: Progress | None = None) -> CommitResult:
+    """Write the overlay's own data and zero clusters into its backing image.
+
+    The overlay is left as it is (``qemu-img commit -d``); a backing image smaller than the
+    overlay is grown first.  The backing image is opened read-write and locked as such.
+    """
+    top = await open_top(path, read_only=True, with_backing=False)
+    async with top:
+        stored = await read_backing_name(top.file, top.header)
+        if not stored:
+            raise CliError(f"Image '{path}' does not have a backing file")
+        try:
+            backing_path = resolve_backing_name(stored, _absolute(path))
+        except BackingFileError as exc:
+            raise CliError(f"Could not open backing file of '{path}': {exc}") from exc
+        backing_format = "raw" if top.header.backing_is_raw else await detect_format(backing_path)
+        if backing_format == "qed":
+            base = await open_top(backing_path, read_only=False)
+            async with base:
+                if base.image_size < top.image_size:
+                    await base.resize(round_up_sector(top.image_size))
+                committed = await _commit_runs(top, base.write, base.write_zeroes, progress)
+                await base.flush()
+        else:
+            committed = await _commit_to_raw(top, backing_path, progress)
+    return CommitResult(backing_path, backing_format, committed)
+
+
+async def _commit_to_raw(top: QedImage, backing_path: str, progress: Progress | None) -> int:
+    _check_path(backing_path, writable=True)
+    out = FileImage.open(backing_path, read_only=False)
+    try:
+        lock_image(out.fd, LockMode.READ_WRITE, backing_path)
+        if await out.size() < top.image_size:
+            await out.ftruncate(top.image_size)
+
+        async def write_zeroes(pos: int, size: int) -> None:
+            while size:
+                n = min(size, CHUNK_SIZE)
+                await out.pwrite(pos, memoryview(_ZEROS)[:n])
+                pos += n
+                size -= n
+
+        committed = await _commit_runs(top, out.pwrite, write_zeroes, progress)
+        await out.fdatasync()
+        return committed
+    finally:
+        await out.aclose()
+
+
+async def _commit_runs(
+    top: QedImage,
+    write: Callable[[int, bytes], Awaitable[None]],
+    write_zeroes: Callable[[int, int], Awaitable[None]],
+    progress: Progress | None,
+) -> int:
+    committed = 0
+    size = top.image_size
+    window = 0
+    while window < size:
+        window_end = min(size, window + WINDOW_SIZE)
+        for ext in await top.extents(window, window_end - window):
+            if ext.kind is Kind.DATA:
+                pos = ext.pos
+                end = ext.pos + ext.length
+                while pos < end:
+                    n = min(end - pos, CHUNK_SIZE - pos % CHUNK_SIZE)
+                    await write(pos, await top.read(pos, n))
+                    pos += n
+                committed += ext.length
+            elif ext.kind is Kind.ZERO:
+                await write_zeroes(ext.pos, ext.length)
+                committed += ext.length
+            if progress is not None:
+                progress(ext.pos + ext.length, size)
+        window = window_end
+    return committed
+
+
+__all__ = [
+    "CHUNK_SIZE",
+    "CliError",
+    "CommitResult",
+    "ConvertResult",
+    "CreateOptions",
+    "CreateResult",
+    "ImageInfo",
+    "MapEntry",
+    "UsageError",
+    "check",
+    "commit",
+    "convert",
+    "create",
+    "detect_format",
+    "feature_names",
+    "human_size",
+    "info",
+    "map_human",
+    "map_image",
+    "map_json",
+    "open_top",
+    "parse_create_options",
+    "parse_resize",
+    "parse_size",
+    "resize",
+    "round_up_sector",
+]
