@@ -54,7 +54,9 @@ turn such an entry into a valid-looking reference to a copy.
 
 Bounded resources: one bit per file cluster (refused above 2**31 clusters), one table
 (at most :data:`~qedfuse.format.MAX_TABLE_SIZE`) in memory at a time, at most
-:data:`MAX_DUPLICATE_REPAIRS` duplicates remembered, at most :data:`MAX_MESSAGES` messages.
+:data:`MAX_DUPLICATE_REPAIRS` duplicates remembered (and copies adding at most as many
+clusters as the file had, or :data:`DUPLICATE_REPAIR_FLOOR`; the rest stay corruptions),
+at most :data:`MAX_MESSAGES` messages.
 """
 
 from __future__ import annotations
@@ -74,8 +76,12 @@ if TYPE_CHECKING:
 MAX_CLUSTERS: Final = 2**31
 #: Cap on recorded findings; further ones are counted but not described.
 MAX_MESSAGES: Final = 1000
-#: Cap on duplicate references repaired in one run (each costs one new cluster).
+#: Cap on duplicate references repaired in one run (each costs one new cluster and 24
+#: bytes of memory until it is repaired).
 MAX_DUPLICATE_REPAIRS: Final = 1 << 20
+#: Copies may add as many clusters as the file had, or this many, whichever is more: a
+#: hostile table full of one offset cannot make a repair fill the disk.
+DUPLICATE_REPAIR_FLOOR: Final = 4096
 
 _REPAIR_MODES: Final = {"leaks", "all"}
 _CHUNK: Final = 1 << 16  # bitmap bytes handled at once when counting
@@ -441,7 +447,8 @@ class _Pass:
             f"(guest offset {self._guest_pos(l1_index, l2_index):#x})"
         )
         problem = f"cluster {offset:#x} is also referenced by another L2 entry"
-        if repair and self._n_duplicates < min(MAX_DUPLICATE_REPAIRS, self.n_clusters):
+        limit = min(MAX_DUPLICATE_REPAIRS, max(self.n_clusters, DUPLICATE_REPAIR_FLOOR))
+        if repair and self._n_duplicates < limit:
             self._duplicates.extend((table_offset, l2_index, offset))
             self._n_duplicates += 1
             return  # counted and described when repaired
@@ -619,7 +626,7 @@ async def check_image(file: BlockFile, *, repair: bool | str | None = False) -> 
             if n
         ]
         if remaining:
-            first.messages.append(f"after repair: {' and '.join(remaining)} remain")
+            first.messages.append(f"after repair, still found: {' and '.join(remaining)}")
     if fixing and final.need_check_on_disk and final.corruptions == 0 and final.check_errors == 0:
         await file.fdatasync()
         clean = final.header.replace(features=final.header.features & ~fmt.Feature.NEED_CHECK)
