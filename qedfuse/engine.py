@@ -8,9 +8,9 @@ Durability protocol (the project's design, stricter than QEMU's write-through or
 * Metadata is cached.  An allocating write appends data clusters at the allocator's end of
   file, writes the data (with the copy-on-write fill), then changes the cached L2 entry (and,
   for a new L2 table, the cached L1 entry).  Nothing metadata is written through.
-* Before the first metadata change after a clean state, NEED_CHECK is set in the header and
-  made durable (64-byte struct write + ``fdatasync``).  Bytes after the struct are never
-  rewritten, so unknown extra header data survives.
+* Before the first allocation or metadata change after a clean state, NEED_CHECK is set in
+  the header and made durable (64-byte struct write + ``fdatasync``).  Bytes after the
+  struct are never rewritten, so unknown extra header data survives.
 * :meth:`QedImage.flush` is the ordered flush:
     1. ``fdatasync`` (all data, including clusters appended by allocating writes);
     2. write every dirty L2 table (whole if new, else its dirty 4 KiB pages), ``fdatasync``;
@@ -24,7 +24,7 @@ Crash states
 ===========================  ======================================================
 crash …                      leaves on disk; what the next read-write open does
 ===========================  ======================================================
-before NEED_CHECK is durable  clean image; appended clusters (if any) are leaks
+before NEED_CHECK is durable  clean image; nothing appended yet
 before step 2 completes       NEED_CHECK set; L2 writes may be partial → check zeroes
                               invalid entries; new data is unreferenced (leaks)
 before step 3 completes       NEED_CHECK set; new L2 tables unreferenced (leaks)
@@ -584,6 +584,8 @@ class QedImage:
         buf[lo - run_start : hi - run_start] = chunk[lo - pos : hi - pos]
         if hi < run_end:
             buf[hi - run_start :] = await self._fill(hi, run_end - hi, old_kind)
+        # Before the file grows: a clear NEED_CHECK on disk then also means "no leaks".
+        await self._mark_need_check()
         host = self._allocate(n_clusters)
         self._data_gen += 1
         await self.file.pwrite(host, buf)
