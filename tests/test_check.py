@@ -606,6 +606,55 @@ async def test_hostile_l2_full_of_one_offset() -> None:
     assert await guest_read(memory, 8 * MiB + 1000 * 4096, 4096) == pattern(3, 4096)
 
 
+@pytest.mark.parametrize("seed", range(6))
+async def test_random_damage_repairs_completely_and_idempotently(seed: int) -> None:
+    """Random entry values anywhere in L1/L2: check and repair never raise anything else
+    than QedError/OSError, repair leaves no corruption, and a second repair writes nothing."""
+    rng = random.Random(seed)
+    base = await small_image()
+    for _ in range(30):
+        memory = MemoryImage(base.data)
+        size = len(memory.data)
+        if rng.random() < 0.3:
+            memory.data.extend(rng.randbytes(rng.randrange(1, 3 * 4096)))
+        tables = [0x1000, 0x5000, 0x8000, 0xB000]
+        interesting = [
+            0,
+            1,
+            2**64 - 1,
+            2**63,
+            size,
+            size - 4096,
+            0x1000,
+            0x3000,
+            0x5000,
+            0x9000,
+            rng.randrange(0, 2**40),
+            rng.randrange(0, size // 4096) * 4096,
+            rng.randrange(0, size),
+        ]
+        for _ in range(rng.randint(1, 12)):
+            table = rng.choice(tables)
+            index = rng.randrange(1024) if rng.random() < 0.5 else rng.randrange(8)
+            struct.pack_into("<Q", memory.data, table + 8 * index, rng.choice(interesting))
+        first = await check_image(memory)
+        assert first.exit_code() in (0, 2, 3)
+        repaired = await check_image(memory, repair=True)
+        assert (repaired.corruptions, repaired.check_errors) == (0, 0), repaired.messages
+        assert not header_of(memory).need_check
+        again = RecordingFile(memory)
+        second = await check_image(again, repair=True)
+        assert again.ops == []
+        assert (second.corruptions_fixed, second.leaks_fixed) == (0, 0)
+        assert (second.leaks, second.exit_code()) == (repaired.leaks, repaired.exit_code())
+        # The engine can map every guest byte now (a bad entry would raise CorruptionError).
+        image = await open_image(MemoryImage(memory.data, read_only=True), read_only=True)
+        try:
+            assert sum(e.length for e in await image.extents()) == 32 * MiB
+        finally:
+            await image.close()
+
+
 def test_report_formatting() -> None:
     report = CheckReport(
         image_size=16384 * 65536,
@@ -1170,3 +1219,36 @@ async def test_qemu_open_time_repair_agrees(tmp_path: Path, base_images: dict[st
     assert not qededit.need_check(theirs_path)
     assert not qededit.need_check(ours_path)
     assert guest_blocks(ours_path, tmp_path) == guest_blocks(theirs_path, tmp_path)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="engine bug (QEMU bug J): open_image ignores an incomplete/unclean repair report "
+    "and the next flush clears NEED_CHECK; see the check helper's report",
+)
+@pytest.mark.parametrize("problem", ["read_error", "unrepaired_duplicate"])
+async def test_engine_keeps_need_check_when_the_open_check_is_not_clean(
+    problem: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the open-time check cannot finish (I/O error) or leaves a corruption, a
+    read-write open must fail (QEMU: "Image corrupted") or NEED_CHECK must stay set."""
+    memory = await small_image()
+    set_need_check_mem(memory, True)
+    failed: list[int] = []
+
+    def transient_error(offset: int, size: int) -> bool:
+        if problem == "read_error" and offset == 0x8000 and not failed:
+            failed.append(offset)
+            return True
+        return False
+
+    if problem == "unrepaired_duplicate":
+        monkeypatch.setattr(check_mod, "MAX_DUPLICATE_REPAIRS", 0)
+        poke_l2(memory, 2, 5, 0xA000)  # guest 8M+20k shares guest 8M's cluster
+    file = RecordingFile(memory, fail_pread=transient_error)
+    try:
+        image = await open_image(file)
+    except QedError:
+        return  # refusing the open is a correct answer
+    await image.close()
+    assert header_of(memory).need_check, "NEED_CHECK cleared although the check was not clean"
