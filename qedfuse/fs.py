@@ -18,8 +18,9 @@ byte goes through the engine.
 * chmod, chown and utimes are accepted and kept in memory for the life of the mount (QED has
   nowhere to store them); the kernel has already checked that the caller may make them.  A
   read-only mount refuses to add write permission (EROFS).
-* ``flush`` (every close) and ``fsync`` run the engine's ordered flush and reply only once it
-  is durable.
+* ``fsync`` and ``flush`` (sent by every close of a descriptor opened for writing) run the
+  engine's ordered flush and reply only once it is durable; after a failure that put the
+  engine in failsafe they fail with EIO (the data may not be durable).
 * The mount root carries the xattrs ``user.qedfuse.pid`` (the daemon's pid, which
   ``qedfuse umount --wait`` waits for) and ``user.qedfuse.image`` (the image path).
 
@@ -119,7 +120,7 @@ class QedFS(pyfuse3.Operations):
         *,
         file_name: str,
         image_path: str,
-        read_only: bool,
+        read_only: bool = False,
         uid: int | None = None,
         gid: int | None = None,
         umask: int = 0o077,
@@ -303,7 +304,8 @@ class QedFS(pyfuse3.Operations):
 
     @guard
     async def flush(self, fh: FileHandleT) -> None:
-        await self.image.flush()
+        if self._open.get(fh, os.O_RDWR) & os.O_ACCMODE != os.O_RDONLY:
+            await self.image.flush()
 
     @guard
     async def fsync(self, fh: FileHandleT, datasync: bool) -> None:

@@ -212,9 +212,9 @@ def _check_mountpoint(mountpoint: str) -> None:
     entry = mount_entry(mountpoint)
     if entry is not None:
         try:
-            os.stat(mountpoint)
+            os.listdir(mountpoint)  # stat could answer from cached attributes
         except OSError as exc:
-            if exc.errno == errno.ENOTCONN:
+            if exc.errno in (errno.ENOTCONN, errno.ECONNABORTED):
                 raise MountError(
                     f"{mountpoint} is a stale mount (its daemon is gone); clean it up with: "
                     f"qedfuse umount {mountpoint}"
@@ -589,7 +589,7 @@ async def _close_image(image: QedImage) -> int:
     except (QedError, OSError) as exc:
         log.error("could not flush the image: %s; NEED_CHECK stays set", _one_line(exc))
         return EXIT_FAILURE
-    if image.failsafe:
+    if image.failsafe and not image.read_only:
         log.error(
             "the image was in failsafe mode (%s); it was not flushed and may need "
             "`qedfuse check -r`",
@@ -794,7 +794,8 @@ def umount_main(ns: argparse.Namespace) -> int:
     """Run ``qedfuse umount``; returns the exit status."""
     from qedfuse.logsetup import setup_logging
 
-    setup_logging(bool(getattr(ns, "debug", False)), level=logging.WARNING)
+    debug = bool(getattr(ns, "debug", False))
+    setup_logging(debug, level=logging.DEBUG if debug else logging.WARNING)
     try:
         return _umount(ns)
     except MountError as exc:
@@ -844,7 +845,7 @@ def _umount(ns: argparse.Namespace) -> int:
             )
         raise MountError(f"unmounting {mountpoint} failed: {' '.join(text.splitlines())}")
     if ns.lazy:
-        log.warning("lazily detached %s; the daemon ends when its last user closes it", mountpoint)
+        log.info("lazily detached %s; the daemon ends when its last user closes it", mountpoint)
     if not ns.wait:
         return EXIT_OK
     if pid is None or start_time is None:
