@@ -28,9 +28,11 @@ _JOURNAL_PRIORITY: Final = {
 }
 _TIME_FORMAT: Final = "%Y-%m-%d %H:%M:%S"
 
-# Handlers and the faulthandler file we installed, so a second call replaces them.
+# Handlers and the faulthandler file we installed, so a second call replaces them, and the
+# levels we changed, so reset_logging() can put them back (for in-process callers: tests).
 _installed: list[logging.Handler] = []
 _fault_file: IO[str] | None = None
+_saved_levels: dict[str, int] = {}
 
 
 class _JournalFormatter(logging.Formatter):
@@ -72,10 +74,9 @@ def setup_logging(
     ``level`` overrides the threshold (default: DEBUG with ``debug``, else INFO).
     """
     root = logging.getLogger()
-    for handler in _installed:
-        root.removeHandler(handler)
-        handler.close()
-    _installed.clear()
+    _remove_handlers()
+    for name in ("", "trio", "pyfuse3"):
+        _saved_levels.setdefault(name, logging.getLogger(name).level)
 
     new: logging.Handler
     if log_file is not None:
@@ -112,7 +113,25 @@ def setup_logging(
     _enable_faulthandler(log_file)
 
 
+def _remove_handlers() -> None:
+    root = logging.getLogger()
+    for handler in _installed:
+        root.removeHandler(handler)
+        handler.close()
+    _installed.clear()
+
+
+def reset_logging() -> None:
+    """Undo :func:`setup_logging`: remove its handlers and restore the levels it changed."""
+    _remove_handlers()
+    for name, level in _saved_levels.items():
+        logging.getLogger(name).setLevel(level)
+    _saved_levels.clear()
+
+
 def _enable_faulthandler(log_file: str | None) -> None:
+    """Fatal-error tracebacks to the log file, else to stderr (unless already enabled, e.g.
+    by ``PYTHONFAULTHANDLER`` or pytest, whose target is kept)."""
     global _fault_file
     if _fault_file is not None:
         _fault_file.close()
@@ -121,6 +140,8 @@ def _enable_faulthandler(log_file: str | None) -> None:
     if log_file is not None:
         _fault_file = open(log_file, "a", encoding="utf-8")  # noqa: SIM115 (kept open)
         target = _fault_file
+    elif faulthandler.is_enabled():
+        return
     try:
         faulthandler.enable(file=target, all_threads=True)
         faulthandler.register(signal.SIGUSR1, file=target, all_threads=True, chain=False)
@@ -129,4 +150,4 @@ def _enable_faulthandler(log_file: str | None) -> None:
         pass
 
 
-__all__ = ["journal_wanted", "setup_logging"]
+__all__ = ["journal_wanted", "reset_logging", "setup_logging"]
