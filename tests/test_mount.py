@@ -13,6 +13,7 @@ import errno
 import hashlib
 import os
 import signal
+import socket
 import stat
 import subprocess
 import time
@@ -679,11 +680,7 @@ def test_grow_through_truncate(tmp_path: Path, qemu_img_tool: str) -> None:
 def test_hostile_l2_entry_gives_eio_and_daemon_keeps_serving(
     tmp_path: Path, qemu_img_tool: str
 ) -> None:
-    qemu_io = require_tool("qemu-io")
-    image = _create(qemu_img_tool, tmp_path / "disk.qed", "16M", "cluster_size=4096")
-    check_ok(run([qemu_io, "-f", "qed", "-c", "write -P 0x11 0 8k", image]))
-    l1_offset = qededit.read_header(image).l1_table_offset
-    qededit.set_l2(image, 0, 0, l1_offset)  # guest cluster 0 → the L1 table itself
+    image = _hostile(qemu_img_tool, tmp_path)
     before = _sha(image)
     mnt = tmp_path / "mnt"
     with mounted(image, mnt, "-o", f"log={tmp_path / 'q.log'}", expect_rc=1) as m:
@@ -707,3 +704,117 @@ def test_hostile_l2_entry_gives_eio_and_daemon_keeps_serving(
             assert f.read(4096) == bytes(4096)
     assert _sha(image) == before  # nothing was written into the hostile image
     assert "corrupt metadata" in (tmp_path / "q.log").read_text()
+
+
+def _hostile(qemu_img: str, tmp_path: Path) -> Path:
+    """4 KiB clusters, data at guest 0..8 KiB, and guest cluster 0 mapped onto the L1 table."""
+    qemu_io = require_tool("qemu-io")
+    image = _create(qemu_img, tmp_path / "disk.qed", "16M", "cluster_size=4096")
+    check_ok(run([qemu_io, "-f", "qed", "-c", "write -P 0x11 0 8k", image]))
+    qededit.set_l2(image, 0, 0, qededit.read_header(image).l1_table_offset)
+    return image
+
+
+@pytest.mark.fuse
+def test_unflushable_image_exits_1_and_keeps_need_check(tmp_path: Path, qemu_img_tool: str) -> None:
+    image = _hostile(qemu_img_tool, tmp_path)
+    header = qededit.read_header(image)
+    l1_before = qededit.l1_entries(image)
+    mnt = tmp_path / "mnt"
+    with mounted(image, mnt, "-o", "flush_delay=3600", expect_rc=1) as m:
+        fd = os.open(m.raw, os.O_RDWR)
+        try:
+            # an allocating write in the next L2 table: metadata dirty, NEED_CHECK on disk
+            assert os.pwrite(fd, b"\x33" * 4096, 12 * MiB) == 4096
+            assert need_check(image)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            assert errno_of(os.pread, fd, 4096, 0) == errno.EIO  # → failsafe
+        finally:
+            assert errno_of(os.close, fd) == errno.EIO
+    # the daemon could not flush: it exited 1 and left NEED_CHECK set for the next open
+    assert need_check(image)
+    assert qededit.l1_entries(image) == l1_before  # the dirty L1 never reached the disk
+    assert qededit.read_header(image).image_size == header.image_size
+
+
+@pytest.mark.fuse
+def test_options_through_a_real_mount(tmp_path: Path, qemu_img_tool: str) -> None:
+    image = _create(qemu_img_tool, tmp_path / "disk.qed", "32M")
+    mnt = tmp_path / "mnt"
+    opts = "uid=1234,gid=5678,umask=022,fsname=my-disk,flush_delay=0.2,allow_other,noatime"
+    with mounted(image, mnt, "-o", opts) as m:
+        with open("/proc/self/mounts", encoding="utf-8") as f:
+            line = next(x for x in f if f" {mnt} " in x)
+        assert line.startswith(f"my-disk {mnt} fuse.qedfuse ")
+        assert "allow_other" in line
+        assert "noatime" in line
+        st = os.stat(m.raw)
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (1234, 5678, 0o644)
+        vfs = os.statvfs(mnt)
+        assert vfs.f_blocks * vfs.f_frsize == 32 * MiB
+        fd = os.open(m.raw, os.O_RDWR)
+        try:
+            os.pwrite(fd, b"idle", 9 * MiB)
+            assert need_check(image)
+            # no fsync, no close: the idle flusher clears NEED_CHECK once writes go quiet
+            wait_until(lambda: not need_check(image), 10, "the idle flush")
+        finally:
+            os.close(fd)
+    _check_clean(qemu_img_tool, image)
+
+
+@pytest.mark.fuse
+def test_backing_policy_options(tmp_path: Path, qemu_img_tool: str) -> None:
+    base = tmp_path / "base.raw"
+    base.write_bytes(b"B" * MiB)
+    other = tmp_path / "other.raw"
+    other.write_bytes(b"O" * MiB)
+    image = tmp_path / "over.qed"
+    check_ok(run([qemu_img_tool, "create", "-f", "qed", "-b", base, "-F", "raw", image]))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cp = qedfuse("mount", "-o", "untrusted", image, mnt)
+    assert cp.returncode == 1
+    assert "backing files are refused (untrusted)" in _one_line_error(cp)
+    assert mount_entry(mnt) is None
+    with mounted(image, mnt, "-o", "ro") as m:
+        assert m.raw.read_bytes()[:4] == b"BBBB"
+    with mounted(image, mnt, "-o", f"ro,backing={other}") as m:
+        assert m.raw.read_bytes()[:4] == b"OOOO"
+
+
+@pytest.mark.fuse
+def test_systemd_mode_notifies_ready_and_stopping(tmp_path: Path, qemu_img_tool: str) -> None:
+    image = _create(qemu_img_tool, tmp_path / "disk.qed", "16M")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    sock_path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(sock_path))
+        sock.settimeout(20)
+        proc = subprocess.Popen(
+            [QEDFUSE, "mount", "--systemd", str(image), str(mnt)],
+            env={**os.environ, "NOTIFY_SOCKET": str(sock_path)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        try:
+            ready = sock.recv(4096).decode()
+            assert ready.startswith("READY=1"), ready
+            # READY=1 means served: no waiting needed
+            assert os.listdir(mnt) == ["disk.raw"]
+            proc.send_signal(signal.SIGTERM)
+            assert sock.recv(4096).decode().startswith("STOPPING=1")
+            assert proc.wait(timeout=30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            fusermount_u(mnt)
+    assert proc.stderr is not None
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    # journald priority prefixes on every line under --systemd
+    assert all(line.startswith("<") for line in err.splitlines()), err
+    _check_clean(qemu_img_tool, image)

@@ -197,6 +197,7 @@ def test_fio_verify(tmp_path: Path) -> None:
         "--verify_fatal=1",
         "--randseed=1234",
         "--output-format=terse",
+        "--verify_state_save=0",  # no state file in the working directory
     ]
     with mounted(image, tmp_path / "mnt") as m:
         cp = check_ok(
