@@ -345,3 +345,48 @@ def test_mount8_refuses_unknown_option(image: Image) -> None:
     assert "no_such_option" in cp.stderr, describe(cp)
     assert mount_entry(image.mnt) is None
     assert_clean(image.path)
+
+
+def test_mount8_awkward_paths(tmp_path: Path, installed_qedfuse: Path) -> None:
+    """Spaces, commas and quotes survive mount.fuse3's /bin/sh and the fsname= option;
+    a relative image path is resolved against mount(8)'s working directory."""
+    qemu_img, qemu_io = require_tool("qemu-img"), require_tool("qemu-io")
+    folder = tmp_path / "vm images, 'old'"
+    folder.mkdir()
+    path = folder / "my disk,1.qed"
+    check_ok(run([qemu_img, "create", "-q", "-f", "qed", path, "16M"]))
+    check_ok(run([qemu_io, "-f", "qed", "-c", "write -P 0x5a 1M 64k", path]))
+    mnt = tmp_path / "mnt point"
+    mnt.mkdir()
+    img = Image(path, mnt, mnt / "my disk,1.raw")
+    cp = run(
+        ["mount", "-t", "fuse.qedfuse", path.relative_to(tmp_path), mnt.relative_to(tmp_path)],
+        env=admin_env(),
+        cwd=tmp_path,
+        timeout=MOUNT_TIMEOUT_S,
+    )
+    try:
+        _, pid = mounted(img, cp)
+        assert os.fsdecode(os.getxattr(mnt, "user.qedfuse.image")) == str(path)
+        unmount_and_wait(img, pid)
+    finally:
+        if mount_entry(mnt) is not None:
+            run(["umount", "-l", mnt])
+    assert_clean(path)
+
+
+def test_mount8_remount_is_refused_and_harmless(image: Image) -> None:
+    """``mount -o remount,ro`` is not supported: a clear error, the mount keeps serving."""
+    _, pid = mounted(image, mount8("-t", "fuse.qedfuse", image.path, image.mnt))
+    cp = mount8("-o", "remount,ro", image.mnt)
+    assert cp.returncode != 0, describe(cp)
+    assert "remount" in cp.stderr, describe(cp)
+    entry = mount_entry(image.mnt)
+    assert entry is not None
+    assert "rw" in entry[2]
+    assert daemon_pid(image.mnt) == pid
+    with image.raw.open("r+b") as f:
+        f.write(b"\x11" * 512)
+    unmount_and_wait(image, pid)
+    assert_clean(image.path)
+    assert_pattern(image.path, 0x11, "0", "512")
