@@ -887,12 +887,19 @@ async def open_image(
         header = header.replace(autoclear_features=0)
         await file.pwrite(0, header.pack())
         await file.fdatasync()
+    unrepaired = 0
     if not read_only and header.need_check and options.repair_on_open:
         from qedfuse.check import check_image
 
         report = await check_image(file, repair=True)
+        if report.check_errors:
+            # QEMU's answer too: never serve writes on an image whose check did not finish.
+            raise CorruptionError(
+                f"Image corrupted: the check could not complete ({report.summary_line()})"
+            )
         log.warning("image had NEED_CHECK set; repaired on open: %s", report.summary_line())
         header, geometry, file_size = await read_header(file)
+        unrepaired = report.corruptions
     raw_l1 = await file.pread(header.l1_table_offset, geometry.table_bytes)
     image = QedImage(
         file,
@@ -904,6 +911,9 @@ async def open_image(
         backing=backing,
         options=options,
     )
+    if unrepaired:
+        # Not QEMU bug J: keep NEED_CHECK set (no flush will clear it) and refuse writes.
+        image.enter_failsafe(f"{unrepaired} corruptions remain after the open-time repair")
     return image
 
 

@@ -1221,11 +1221,6 @@ async def test_qemu_open_time_repair_agrees(tmp_path: Path, base_images: dict[st
     assert guest_blocks(ours_path, tmp_path) == guest_blocks(theirs_path, tmp_path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug (QEMU bug J): open_image ignores an incomplete/unclean repair report "
-    "and the next flush clears NEED_CHECK; see the check helper's report",
-)
 @pytest.mark.parametrize("problem", ["read_error", "unrepaired_duplicate"])
 async def test_engine_keeps_need_check_when_the_open_check_is_not_clean(
     problem: str, monkeypatch: pytest.MonkeyPatch
