@@ -592,7 +592,7 @@ async def _close_image(image: QedImage) -> int:
     if image.failsafe and not image.read_only:
         log.error(
             "the image was in failsafe mode (%s); it was not flushed and may need "
-            "`qedfuse check -r`",
+            "`qedfuse check -r all`",
             image.failsafe_reason,
         )
         return EXIT_FAILURE
@@ -825,7 +825,7 @@ def _umount(ns: argparse.Namespace) -> int:
             print(
                 f"qedfuse: {mountpoint} was a stale mount (its daemon had died); detached it. "
                 f"The image may have NEED_CHECK set: its next read-write open repairs it, or "
-                f"run `qedfuse check -r {entry.source}`",
+                f"run `qedfuse check -r all {entry.source}`",
                 file=sys.stderr,
             )
             return EXIT_OK
@@ -869,7 +869,7 @@ def _umount(ns: argparse.Namespace) -> int:
     if image is not None and _image_needs_check(image):
         print(
             f"qedfuse: the daemon exited but left NEED_CHECK set on {image}; its next "
-            f"read-write open repairs it (or run `qedfuse check -r {image}`)",
+            f"read-write open repairs it (or run `qedfuse check -r all {image}`)",
             file=sys.stderr,
         )
         return EXIT_FAILURE
