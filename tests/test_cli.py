@@ -719,3 +719,23 @@ def test_convert_progress(qm: InProcess, tmp_path: Path) -> None:
     out = check_ok(qm("convert", "-O", "raw", tmp_path / "a.qed", tmp_path / "b.raw"))
     assert out.stderr == ""
     assert (tmp_path / "b.raw").read_bytes() == raw.read_bytes()
+
+
+def test_missing_backing_file(qm: InProcess, tmp_path: Path, qemu_img: str) -> None:
+    """info still works (like qemu-img info, it does not need the backing file); the
+    commands that read guest data fail with qemu-img's nested message."""
+    base = tmp_path / "gone.raw"
+    base.write_bytes(bytes(MiB))
+    check_ok(qm("create", "-b", "gone.raw", "-F", "raw", tmp_path / "over.qed"))
+    base.unlink()
+    info = json.loads(check_ok(qm("info", "--json", "over.qed", cwd=tmp_path)).stdout)
+    assert info["backing-filename"] == "gone.raw"
+    assert "No such file or directory" in info["backing-chain-error"]
+    expected = (
+        "qedfuse: Could not open 'over.qed': Could not open backing file: "
+        f"Could not open '{base}': No such file or directory"
+    )
+    assert one_line_error(qm("map", "over.qed", cwd=tmp_path)) == expected
+    assert one_line_error(qm("convert", "-O", "raw", "over.qed", "o.raw", cwd=tmp_path)) == expected
+    cp = run([qemu_img, "map", "over.qed"], cwd=tmp_path)
+    assert cp.stderr.startswith("qemu-img: Could not open 'over.qed': Could not open backing file")
