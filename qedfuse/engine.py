@@ -780,8 +780,10 @@ class QedImage:
         async with self._alloc_lock:
             header = self.header.replace(image_size=new_size)
             await self.file.pwrite(0, header.pack())
-            await self.file.fdatasync()
+            # The file holds the new size from here on, even if the sync fails: keep the
+            # engine in agreement (else the next header write would shrink the image back).
             self.header = header
+            await self.file.fdatasync()
 
     # ------------------------------------------------------------------ close
 
