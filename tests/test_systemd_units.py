@@ -9,12 +9,14 @@ PID 1 is not systemd on the CI machine, so nothing here starts a unit.  Instead:
   units, which are checked for the dependencies the README promises and verified in turn;
 * the service's ExecStart line, with %f/%i expanded the way systemd does, is run in the
   environment systemd gives a service (no HOME, default PATH, NOTIFY_SOCKET) and stopped the
-  way systemd stops it (SIGTERM to the main process, then ExecStopPost).
+  way systemd stops it (SIGTERM to the main process, then ExecStopPost); a SIGKILLed instance
+  shows that ExecStopPost clears the dead mount and the next start repairs the image.
 """
 
 from __future__ import annotations
 
 import configparser
+import contextlib
 import os
 import re
 import shlex
@@ -338,78 +340,163 @@ def test_fstab_generator_output(generated: Path, verify_root: Path) -> None:
 _SERVICE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-def _expand(arg: str, image: str, instance: str) -> str:
-    return arg.replace("%f", image).replace("%i", instance)
-
-
 @pytest.fixture
 def short_dir() -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="qu-", dir="/tmp") as d:
         yield Path(d)
 
 
-@pytest.mark.fuse
-@pytest.mark.qemu
-@pytest.mark.timeout(60)
-def test_service_command_lines_run_like_systemd(tmp_path: Path, short_dir: Path) -> None:
-    """ExecStart as systemd runs it: READY=1 when serving, SIGTERM -> clean exit 0."""
+class ServiceRun:
+    """One instance of qedfuse@.service, run the way systemd runs it (without systemd).
+
+    %f/%i are expanded as systemd does, RuntimeDirectory= is created under /run, ExecStart
+    runs with the environment of a system service (no HOME, the default PATH, NOTIFY_SOCKET)
+    and "stop" is SIGTERM to the main process, as KillMode=mixed/KillSignal=SIGTERM say.
+    """
+
+    def __init__(self, image: Path, notify_dir: Path) -> None:
+        svc = load_unit(SERVICE)["Service"]
+        self.instance = escape_path(str(image))
+        self.runtime_dir = Path("/run") / self._expand(svc["RuntimeDirectory"], image)
+        self.argv = [self._expand(a, image) for a in shlex.split(svc["ExecStart"])]
+        self.stop_post = [self._expand(a, image) for a in shlex.split(svc["ExecStopPost"][1:])]
+        assert self.argv[-1] == str(self.runtime_dir)
+        if os.path.realpath(self.argv[0]) != os.path.realpath(VENV_QEDFUSE):
+            self.argv[0] = str(VENV_QEDFUSE)  # not installed (or another checkout's)
+        self.rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self.rx.bind(str(notify_dir / "notify"))
+        self.env = {
+            "PATH": _SERVICE_PATH,
+            "NOTIFY_SOCKET": str(notify_dir / "notify"),
+            "INVOCATION_ID": "0" * 32,
+        }
+        self.proc: subprocess.Popen[str] | None = None
+
+    def _expand(self, arg: str, image: Path) -> str:
+        return arg.replace("%f", str(image)).replace("%i", self.instance)
+
+    def start(self) -> subprocess.Popen[str]:
+        """Start ExecStart and wait for READY=1 (what `systemctl start` waits for)."""
+        self.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
+        self.proc = subprocess.Popen(
+            self.argv,
+            env=self.env,
+            cwd="/",
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        _wait_for(self.rx, self.proc, "READY=1", timeout_s=20)
+        assert self.proc.poll() is None, "Type=notify: the main process must keep running"
+        return self.proc
+
+    def stop(self) -> subprocess.CompletedProcess[str]:
+        """SIGTERM, wait for STOPPING=1 and the exit, then run ExecStopPost (`systemctl stop`)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        _wait_for(self.rx, self.proc, "STOPPING=1", timeout_s=20)
+        out, err = self.proc.communicate(timeout=30)
+        cp = subprocess.CompletedProcess(self.argv, self.proc.returncode, out, err)
+        self.post = run(self.stop_post)
+        return cp
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        run(["fusermount3", "-uz", self.runtime_dir])
+        self.rx.close()
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)  # RuntimeDirectoryPreserve=no
+
+
+@pytest.fixture
+def service_image(tmp_path: Path) -> Path:
+    """A QED image with 0x3c in its first 64 KiB, under a path with a '-' in it."""
     require_fuse()
     require_tool("systemd-escape")
     qemu_img, qemu_io = require_tool("qemu-img"), require_tool("qemu-io")
-    # a '-' in the path becomes \x2d in the instance name and in the mount point
     image = tmp_path / "vm-images" / "my-disk.qed"
     image.parent.mkdir()
     check_ok(run([qemu_img, "create", "-q", "-f", "qed", image, "32M"]))
     check_ok(run([qemu_io, "-f", "qed", "-c", "write -P 0x3c 0 64k", image]))
-    instance = escape_path(str(image))
-    assert "\\x2d" in instance
+    return image
 
-    svc = load_unit(SERVICE)["Service"]
-    runtime_dir = Path("/run") / _expand(svc["RuntimeDirectory"], str(image), instance)
-    argv = [_expand(a, str(image), instance) for a in shlex.split(svc["ExecStart"])]
-    stop_post = [_expand(a, str(image), instance) for a in shlex.split(svc["ExecStopPost"][1:])]
-    assert argv[-1] == str(runtime_dir)
-    if os.path.realpath(argv[0]) != os.path.realpath(VENV_QEDFUSE):
-        argv[0] = str(VENV_QEDFUSE)  # not installed (or another checkout's): test this one
 
-    notify_path = str(short_dir / "notify")
-    rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-    rx.bind(notify_path)
-    env = {"PATH": _SERVICE_PATH, "NOTIFY_SOCKET": notify_path, "INVOCATION_ID": "0" * 32}
-    runtime_dir.mkdir(parents=True, mode=0o755)  # RuntimeDirectory=
-    proc = subprocess.Popen(
-        argv, env=env, cwd="/", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+@pytest.fixture
+def service(service_image: Path, short_dir: Path) -> Iterator[ServiceRun]:
+    svc = ServiceRun(service_image, short_dir)
     try:
-        states = _wait_for(rx, proc, "READY=1", timeout_s=20)
-        assert proc.poll() is None, "Type=notify: the main process must keep running"
-        raw = runtime_dir / "my-disk.raw"
-        with raw.open("rb") as f:
-            assert f.read(65536) == b"\x3c" * 65536
-        with raw.open("r+b") as f:
-            f.seek(1 << 20)
-            f.write(b"\xc3" * 8192)
-        # `systemctl stop`: SIGTERM to the main process (KillMode=mixed), then wait
-        proc.send_signal(signal.SIGTERM)
-        states += _wait_for(rx, proc, "STOPPING=1", timeout_s=20)
-        out, err = proc.communicate(timeout=30)
-        cp = subprocess.CompletedProcess(argv, proc.returncode, out, err)
-        assert proc.returncode == 0, describe(cp)
-        assert not os.path.ismount(runtime_dir), "qedfuse exited but left its mount behind"
-        # ExecStopPost (crash cleanup) after a clean stop: fails harmlessly, hence the '-'
-        post = run(stop_post)
-        assert post.returncode != 0, describe(post)
+        yield svc
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        run(["fusermount3", "-uz", runtime_dir])
-        rx.close()
-        shutil.rmtree(runtime_dir, ignore_errors=True)  # RuntimeDirectoryPreserve=no
+        svc.close()
+
+
+def _assert_image(image: Path, pattern: int, offset: str, length: str) -> None:
+    qemu_img, qemu_io = require_tool("qemu-img"), require_tool("qemu-io")
     assert not Header.unpack(image.read_bytes()[:64]).need_check
     check_ok(run([qemu_img, "check", "-f", "qed", image]))
-    cp = check_ok(run([qemu_io, "-f", "qed", "-r", "-c", "read -P 0xc3 1M 8k", image]))
+    cp = check_ok(
+        run([qemu_io, "-f", "qed", "-r", "-c", f"read -P {pattern:#x} {offset} {length}", image])
+    )
     assert "Pattern verification failed" not in cp.stdout, cp.stdout
+
+
+@pytest.mark.fuse
+@pytest.mark.qemu
+@pytest.mark.timeout(60)
+def test_service_start_and_stop_like_systemd(service: ServiceRun, service_image: Path) -> None:
+    """ExecStart as systemd runs it: READY=1 when serving, SIGTERM -> flushed, exit 0."""
+    # a '-' in the path becomes \x2d in the instance name and in the mount point
+    assert "\\x2d" in service.instance
+    service.start()
+    raw = service.runtime_dir / "my-disk.raw"
+    with raw.open("rb") as f:
+        assert f.read(65536) == b"\x3c" * 65536
+    with raw.open("r+b") as f:
+        f.seek(1 << 20)
+        f.write(b"\xc3" * 8192)
+    cp = service.stop()
+    assert cp.returncode == 0, describe(cp)
+    assert not os.path.ismount(service.runtime_dir), "qedfuse exited but left its mount"
+    # ExecStopPost (crash cleanup) after a clean stop: fails harmlessly, hence the '-'
+    assert service.post.returncode != 0, describe(service.post)
+    _assert_image(service_image, 0xC3, "1M", "8k")
+
+
+@pytest.mark.fuse
+@pytest.mark.qemu
+@pytest.mark.timeout(60)
+def test_service_crash_cleanup_and_restart(service: ServiceRun, service_image: Path) -> None:
+    """SIGKILL leaves a dead mount; ExecStopPost detaches it and the next start repairs."""
+    proc = service.start()
+    raw = service.runtime_dir / "my-disk.raw"
+    fd = os.open(raw, os.O_RDWR)
+    try:
+        os.pwrite(fd, b"\x99" * 65536, 2 << 20)
+        os.fsync(fd)  # durable, whatever happens next
+        # a new cluster, not flushed (closing would flush): NEED_CHECK is set on disk now
+        os.pwrite(fd, b"\x98" * 65536, 3 << 20)
+        proc.kill()
+        proc.wait()
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)  # ENOTCONN: the daemon is gone
+    assert Header.unpack(service_image.read_bytes()[:64]).need_check
+    assert os.path.ismount(service.runtime_dir)
+    with pytest.raises(OSError, match="not connected"):
+        os.stat(raw)
+    # what systemd runs once the main process is gone
+    post = run(service.stop_post)
+    assert post.returncode == 0, describe(post)
+    assert not os.path.ismount(service.runtime_dir)
+    # `systemctl start` again: the read-write open repairs, the fsync'ed data is there
+    service.start()
+    with raw.open("rb") as f:
+        f.seek(2 << 20)
+        assert f.read(65536) == b"\x99" * 65536
+    cp = service.stop()
+    assert cp.returncode == 0, describe(cp)
+    _assert_image(service_image, 0x99, "2M", "64k")
 
 
 def _wait_for(
