@@ -194,6 +194,37 @@ def test_make_install_puts_qedfuse_where_the_units_expect_it() -> None:
     assert INSTALLED_QEDFUSE.startswith("/usr/local/bin/")
 
 
+def _readme_section() -> str:
+    text = (REPO / "README.md").read_text()
+    start = text.index("## mount(8), fstab and systemd")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end != -1 else None]
+
+
+def test_readme_drop_in_example_verifies(verify_root: Path) -> None:
+    """The `systemctl edit` override the README shows is a valid drop-in."""
+    blocks = re.findall(r"```ini\n(.*?)```", _readme_section(), flags=re.S)
+    assert len(blocks) == 1, blocks
+    drop_in = "\n".join(line.strip() for line in blocks[0].splitlines())
+    assert "ExecStart=\n" in drop_in  # the reset line that makes the override legal
+    install_unit(verify_root, SERVICE, SERVICE.name)
+    unit = "qedfuse@var-lib-images-disk.qed.service"
+    drop_dir = verify_root / "etc/systemd/system" / f"{unit}.d"
+    drop_dir.mkdir()
+    (drop_dir / "override.conf").write_text(drop_in)
+    assert_verifies(verify_root, unit)
+    # without the reset line systemd refuses a second ExecStart= for Type=notify
+    (drop_dir / "override.conf").write_text(drop_in.replace("ExecStart=\n", "", 1))
+    cp = verify(verify_root, unit)
+    assert "more than one ExecStart" in cp.stdout + cp.stderr, describe(cp)
+
+
+def test_readme_fstab_lines_match_the_example() -> None:
+    blocks = re.findall(r"```fstab\n(.*?)```", _readme_section(), flags=re.S)
+    assert len(blocks) == 1, blocks
+    assert fstab_entries(blocks[0]) == fstab_entries(FSTAB_EXAMPLE.read_text())
+
+
 # --------------------------------------------------------------------------- .mount
 
 
