@@ -390,3 +390,23 @@ def test_mount8_remount_is_refused_and_harmless(image: Image) -> None:
     unmount_and_wait(image, pid)
     assert_clean(image.path)
     assert_pattern(image.path, 0x11, "0", "512")
+
+
+def test_mount8_drop_privileges_never_leaves_a_dead_mount(image: Image) -> None:
+    """``-o drop_privileges``: mount.fuse3 mounts by itself and passes ``/dev/fd/N`` as the
+    mount point (libfuse >= 3.3 accepts that). qedfuse must serve it, or fail without leaving
+    the kernel mount mount.fuse3 made behind ("Transport endpoint is not connected")."""
+    cp = mount8("-t", "fuse.qedfuse", "-o", "drop_privileges", image.path, image.mnt)
+    entry = mount_entry(image.mnt)
+    if cp.returncode != 0:
+        assert entry is None, f"failed mount left a dead mount: {entry}\n{describe(cp)}"
+        return
+    assert entry is not None, describe(cp)
+    assert entry[1] == "fuse.qedfuse", entry
+    with image.raw.open("rb") as f:
+        f.seek(1 << 20)
+        assert f.read(65536) == b"\x5a" * 65536
+    pid = daemon_pid(image.mnt)
+    assert pid is not None
+    unmount_and_wait(image, pid)
+    assert_clean(image.path)
