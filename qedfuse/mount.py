@@ -40,6 +40,7 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -68,6 +69,7 @@ DEFAULT_UMOUNT_TIMEOUT = 120.0
 _PID_XATTR = "user.qedfuse.pid"
 _IMAGE_XATTR = "user.qedfuse.image"
 _FSTYPE = "fuse.qedfuse"
+_FD_MOUNTPOINT = re.compile(r"/dev/fd/[0-9]+")
 
 
 class MountError(Exception):
@@ -249,8 +251,13 @@ def _build_config(ns: argparse.Namespace) -> MountConfig:
             raise MountError(f"Could not open '{overlay_base}': No such file or directory")
         if opts.read_only:
             raise MountError("--overlay creates a new image to write to; it cannot be 'ro'")
-    mountpoint = os.path.abspath(ns.mountpoint)
-    _check_mountpoint(mountpoint)
+    if _FD_MOUNTPOINT.fullmatch(ns.mountpoint):
+        # mount.fuse3 -o drop_privileges mounted already and passes the /dev/fuse descriptor
+        # (libfuse >= 3.3 serves it); there is no directory to check.
+        mountpoint = ns.mountpoint
+    else:
+        mountpoint = os.path.abspath(ns.mountpoint)
+        _check_mountpoint(mountpoint)
     if ns.mount8_ns:
         log.warning("ignoring -N %s: qedfuse mounts in its own mount namespace", ns.mount8_ns)
     systemd = bool(ns.systemd)

@@ -46,9 +46,16 @@ def mount_entry(mnt: str | os.PathLike[str]) -> tuple[str, str] | None:
     return found
 
 
-def mounts_snapshot() -> list[str]:
+def mounts_snapshot(under: str | os.PathLike[str]) -> list[str]:
+    """The /proc/self/mounts lines whose source or target lies under ``under``.
+
+    Other tests (and other people's benchmarks) mount and unmount concurrently, so only the
+    entries a test could have caused are compared.
+    """
+    root = os.path.abspath(under).replace(" ", "\\040").rstrip("/") + "/"
     with open("/proc/self/mounts", encoding="utf-8") as f:
-        return sorted(f.read().splitlines())
+        lines = f.read().splitlines()
+    return sorted(line for line in lines if any(part.startswith(root) for part in line.split()[:2]))
 
 
 def daemon_pid(mnt: str | os.PathLike[str]) -> int:

@@ -78,12 +78,12 @@ def qemu_io_holding(image: Path, *args: str, expect: set[int]) -> Iterator[None]
 def _refused(image: Path, mnt: Path, *opts: str) -> str:
     """Mount must fail with one line and leave nothing mounted; return that line."""
     mnt.mkdir(exist_ok=True)
-    before = mounts_snapshot()
+    before = mounts_snapshot(mnt.parent)
     cp = run([QEDFUSE, "mount", *opts, str(image), str(mnt)], timeout=30)
     assert cp.returncode == 1, cp.stderr
     lines = cp.stderr.splitlines()
     assert len(lines) == 1, cp.stderr
-    assert mounts_snapshot() == before
+    assert mounts_snapshot(mnt.parent) == before
     assert mount_entry(mnt) is None
     return lines[0]
 

@@ -441,7 +441,7 @@ def test_bad_input_one_line_nothing_mounted(
         expected_rc = 2
     else:
         expect = f"qedfuse: {mnt} is already mounted (fuse.qedfuse {image})"
-    before = mounts_snapshot()
+    before = mounts_snapshot(tmp_path)
     argv = [QEDFUSE, "mount", *opts, str(image), str(mnt)]
     if not daemon:
         argv.insert(2, "-f")
@@ -449,12 +449,12 @@ def test_bad_input_one_line_nothing_mounted(
         other = _create(qemu_img_tool, tmp_path / "other.qed", "16M")
         with mounted(other, mnt):
             expect = f"qedfuse: {mnt} is already mounted (fuse.qedfuse {other})"
-            before = mounts_snapshot()
+            before = mounts_snapshot(tmp_path)
             cp = run(argv, timeout=30)
-            after = mounts_snapshot()
+            after = mounts_snapshot(tmp_path)
     else:
         cp = run(argv, timeout=30)
-        after = mounts_snapshot()
+        after = mounts_snapshot(tmp_path)
     assert cp.returncode == expected_rc, cp.stderr
     line = _one_line_error(cp)
     assert expect in line, line
