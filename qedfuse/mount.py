@@ -223,7 +223,7 @@ def _check_mountpoint(mountpoint: str) -> None:
                 ) from None
         raise MountError(f"{mountpoint} is already mounted ({entry.fstype} {entry.source})")
     try:
-        st = os.stat(mountpoint)
+        os.stat(mountpoint)
     except FileNotFoundError:
         raise MountError(f"mount point {mountpoint} does not exist") from None
     except OSError as exc:
@@ -232,7 +232,6 @@ def _check_mountpoint(mountpoint: str) -> None:
         raise MountError(f"mount point {mountpoint} is not a directory")
     if os.path.ismount(mountpoint):
         raise MountError(f"{mountpoint} is already a mount point")
-    del st
 
 
 # ---------------------------------------------------------------------------- mount_main
@@ -554,6 +553,7 @@ async def _serve_mounted(
 
     state.mounted = True
     code = EXIT_OK
+    failure: str | None = None
     try:
         try:
             async with trio.open_nursery() as nursery:
@@ -575,10 +575,15 @@ async def _serve_mounted(
             with contextlib.suppress(Exception):
                 pyfuse3.close(unmount=True)
             log.info("unmounted %s; flushing the image", cfg.mountpoint)
-    except BaseException as exc:  # main() failed: still flush the image below
+    except BaseException as exc:  # start-up or main() failed: still flush the image below
         if isinstance(exc, KeyboardInterrupt | SystemExit):
             raise
-        log.critical("FUSE loop failed", exc_info=exc)
+        inner = _single(exc)
+        if isinstance(inner, _StartupError):
+            failure = str(inner)
+        else:
+            log.critical("FUSE loop failed", exc_info=exc)
+            failure = f"internal error: {type(inner).__name__}: {inner}"
         code = EXIT_FAILURE
     finally:
         with trio.CancelScope(shield=True):
@@ -586,8 +591,15 @@ async def _serve_mounted(
             if cfg.pidfile is not None:
                 _remove_pidfile(cfg.pidfile)
     if not reporter.done:
-        reporter.fail("the mount ended before it was ready")
+        reporter.fail(failure or "the mount ended before it was ready")
     return code
+
+
+def _single(exc: BaseException) -> BaseException:
+    """The one exception inside (nested) single-member exception groups."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 async def _close_image(image: QedImage) -> int:

@@ -407,6 +407,7 @@ def test_mount8_form_and_read_only(tmp_path: Path, qemu_img_tool: str) -> None:
         "mountpoint-is-file",
         "already-mounted",
         "unknown-option",
+        "bad-pidfile",
     ],
 )
 def test_bad_input_one_line_nothing_mounted(
@@ -435,6 +436,11 @@ def test_bad_input_one_line_nothing_mounted(
         mnt = tmp_path / "file"
         mnt.write_text("x")
         expect = f"qedfuse: mount point {mnt} is not a directory"
+    elif case == "bad-pidfile":
+        # fails after the kernel mount exists: it must be taken down again
+        pidfile = tmp_path / "no-such-dir" / "q.pid"
+        opts = ["--pidfile", str(pidfile)]
+        expect = f"qedfuse: cannot write pidfile {pidfile}: No such file or directory"
     elif case == "unknown-option":
         opts = ["-o", "ro,xyz"]
         expect = "qedfuse: unknown mount option 'xyz'"
