@@ -430,6 +430,7 @@ class _State:
 
     startup_scope: trio.CancelScope | None = None  # while starting
     mounted: bool = False
+    served: bool = False  # readiness was reported
     n_signals: int = 0
     signal_name: str | None = None
     interrupted: bool = False
@@ -565,6 +566,7 @@ async def _serve_mounted(
                     _setup_logging(cfg, detached=True)
                 log.info("serving %s at %s (pid %d)", cfg.image_path, cfg.mountpoint, os.getpid())
                 reporter.ready()
+                state.served = True
                 if state.signal_name is not None:  # a signal raced the start-up
                     pyfuse3.terminate()
                 await pyfuse3.main()
@@ -574,7 +576,8 @@ async def _serve_mounted(
                 sdnotify.stopping()
             with contextlib.suppress(Exception):
                 pyfuse3.close(unmount=True)
-            log.info("unmounted %s; flushing the image", cfg.mountpoint)
+            if state.served:
+                log.info("unmounted %s; flushing the image", cfg.mountpoint)
     except BaseException as exc:  # start-up or main() failed: still flush the image below
         if isinstance(exc, KeyboardInterrupt | SystemExit):
             raise
@@ -587,7 +590,7 @@ async def _serve_mounted(
         code = EXIT_FAILURE
     finally:
         with trio.CancelScope(shield=True):
-            code = max(code, await _close_image(image))
+            code = max(code, await _close_image(image, quiet=not state.served))
             if cfg.pidfile is not None:
                 _remove_pidfile(cfg.pidfile)
     if not reporter.done:
@@ -602,7 +605,7 @@ def _single(exc: BaseException) -> BaseException:
     return exc
 
 
-async def _close_image(image: QedImage) -> int:
+async def _close_image(image: QedImage, *, quiet: bool = False) -> int:
     try:
         await image.close()
     except (QedError, OSError) as exc:
@@ -615,7 +618,8 @@ async def _close_image(image: QedImage) -> int:
             image.failsafe_reason,
         )
         return EXIT_FAILURE
-    log.info("image flushed and closed cleanly")
+    if not quiet:
+        log.info("image flushed and closed cleanly")
     return EXIT_OK
 
 
