@@ -6,8 +6,8 @@ line of type ``fuse.qedfuse``) is ``qedfuse mount IMAGE MOUNTPOINT [-o OPTS]``.
 
 Every failure prints exactly one line, ``qedfuse: <message>``, on stderr (a traceback too
 with ``--debug``) and exits non-zero: 2 for a bad command line, 1 otherwise, except
-``check``, which exits as ``qemu-img check`` does (0 clean, 1 check incomplete,
-2 corruptions, 3 only leaks).  ``qedfuse.mount`` (and so pyfuse3) is imported only for
+``check``, which exits as ``qemu-img check`` does (0 clean, 1 check incomplete or a bad
+command line, 2 corruptions, 3 only leaks).  ``qedfuse.mount`` (and so pyfuse3) is imported only for
 ``mount`` and ``umount``.
 """
 
@@ -41,7 +41,8 @@ mount(8) form:
   (what mount.fuse3 runs for an fstab entry of type fuse.qedfuse)
 
 exit status: 0 success, 1 failure, 2 bad command line;
-  check: 0 clean, 1 check could not complete, 2 corruptions remain, 3 only leaks remain
+  check: 0 clean, 1 check could not complete (also a bad command line), 2 corruptions
+  remain, 3 only leaks remain
 """
 
 
@@ -418,6 +419,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return code if isinstance(code, int) else (0 if code is None else 1)
         if isinstance(exc, CliError):
             _fail(str(exc), debug=debug, exc=exc)
+            if isinstance(exc, UsageError) and _first_command(mount_form(args)) == "check":
+                # 2 means "corruptions remain" to check's callers: a bad command line is
+                # "the check could not complete" (qemu-img check exits 1 here too).
+                return 1
             return exc.exit_code
         if isinstance(exc, (QedError, OSError)):
             _fail(_describe(exc), debug=debug, exc=exc)

@@ -174,7 +174,6 @@ def test_python_dash_m() -> None:
         (["create", "-o", "colour=blue", "x.qed", "1M"], "invalid option 'colour'"),
         (["create", "-F", "vmdk", "-b", "b", "x.qed"], "invalid choice: 'vmdk'"),
         (["info", "a.qed", "b.qed"], "unrecognized arguments: b.qed"),
-        (["check", "-r", "some", "a.qed"], "invalid choice: 'some'"),
         (["convert", "a.qed", "b.raw"], "the following arguments are required: -O"),
         (["convert", "-O", "vmdk", "a.qed", "b.raw"], "invalid choice: 'vmdk'"),
         (["map", "--json", "--output", "human", "x.qed"], "not allowed with argument"),
@@ -188,6 +187,13 @@ def test_usage_errors_exit_2_with_one_line(
     line = one_line_error(cp, 2)
     assert needle in line
     assert list(tmp_path.iterdir()) == []  # nothing created
+
+
+def test_check_usage_errors_exit_1(qm: InProcess, tmp_path: Path) -> None:
+    """For check, 2 means "corruptions remain": a bad command line is "could not complete"."""
+    line = one_line_error(qm("check", "-r", "some", "a.qed", cwd=tmp_path), 1)
+    assert "invalid choice: 'some'" in line
+    one_line_error(qm("check", cwd=tmp_path), 1)
 
 
 def test_offline_commands_do_not_import_pyfuse3(qm: InProcess, tmp_path: Path) -> None:
