@@ -240,7 +240,7 @@ def test_mount8_read_write(image: Image) -> None:
     with image.raw.open("r+b") as f:
         f.seek(4 << 20)
         f.write(b"\xa5" * 65536)
-    # no fsync: the umount path must flush what is still cached
+    # no fsync: closing flushes (flush on close for writers); umount must not undo that
     exit_s = unmount_and_wait(image, pid)
     assert_clean(image.path)
     assert_pattern(image.path, 0xA5, "4M", "64k")

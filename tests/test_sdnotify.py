@@ -8,6 +8,7 @@ and STOPPING=1 follows a SIGTERM that ends in exit 0 with a clean image.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -233,14 +234,19 @@ def test_foreground_systemd_mount_notifies_ready_then_stopping(
             f.seek(1 << 20)
             assert f.read(65536) == b"\x5a" * 65536
         assert proc.poll() is None, "a --systemd mount must stay in the foreground"
-        # A write that is still dirty at SIGTERM must be flushed by the shutdown path.
-        with raw.open("r+b") as f:
-            f.seek(8 << 20)
-            f.write(b"\xa5" * 4096)
-
-        proc.send_signal(signal.SIGTERM)
-        _wait_for(rx, proc, "STOPPING=1", timeout_s=20)
-        out, err = proc.communicate(timeout=30)
+        # `systemctl stop` while a consumer (a VM) still holds the file open with a write
+        # that allocated a cluster and was never flushed (closing would have flushed it):
+        # the SIGTERM path itself must make it durable and clear NEED_CHECK.
+        fd = os.open(raw, os.O_RDWR)
+        try:
+            os.pwrite(fd, b"\xa5" * 4096, 8 << 20)
+            assert Header.unpack(image.read_bytes()[:64]).need_check, "write not dirty"
+            proc.send_signal(signal.SIGTERM)
+            _wait_for(rx, proc, "STOPPING=1", timeout_s=20)
+            out, err = proc.communicate(timeout=30)
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(fd)  # the mount is gone by now
         cp = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
         assert proc.returncode == 0, describe(cp)
     finally:
