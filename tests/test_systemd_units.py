@@ -402,6 +402,7 @@ class ServiceRun:
             "INVOCATION_ID": "0" * 32,
         }
         self.proc: subprocess.Popen[str] | None = None
+        self.parent_existed = self.runtime_dir.parent.exists()
 
     def _expand(self, arg: str, image: Path) -> str:
         return arg.replace("%f", str(image)).replace("%i", self.instance)
@@ -438,6 +439,9 @@ class ServiceRun:
         run(["fusermount3", "-uz", self.runtime_dir])
         self.rx.close()
         shutil.rmtree(self.runtime_dir, ignore_errors=True)  # RuntimeDirectoryPreserve=no
+        if not self.parent_existed:
+            with contextlib.suppress(OSError):  # not empty: another instance uses it
+                self.runtime_dir.parent.rmdir()
 
 
 @pytest.fixture
