@@ -213,8 +213,11 @@ def mounted(
                 fusermount_u(mnt)
             rc = m.wait_exit()
         except BaseException:
-            with contextlib.suppress(OSError):
-                os.kill(m.pid, signal.SIGKILL)
+            if (m.proc is not None and m.proc.poll() is None) or (
+                m.proc is None and pid_alive(m.pid)
+            ):
+                with contextlib.suppress(OSError):
+                    os.kill(m.pid, signal.SIGKILL)
             if m.proc is not None:
                 m.proc.wait(timeout=30)
             fusermount_u(mnt, lazy=True)
