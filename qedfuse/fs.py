@@ -433,6 +433,33 @@ class QedFS(pyfuse3.Operations):
         return []
 
 
+# ---------------------------------------------------------------------------- session
+# The FUSE session, wrapped so that no module but this one touches pyfuse3.
+
+
+def fuse_init(ops: QedFS, mountpoint: str, options: set[str]) -> None:
+    """Mount: after this the kernel mount exists (requests queue until :func:`fuse_main`).
+
+    Raises RuntimeError when libfuse refuses (its reason is printed on stderr).
+    """
+    pyfuse3.init(ops, mountpoint, options)
+
+
+async def fuse_main() -> None:
+    """Serve requests until :func:`fuse_terminate` or an external unmount."""
+    await pyfuse3.main()
+
+
+def fuse_terminate() -> None:
+    """Make :func:`fuse_main` return once the requests in flight are answered."""
+    pyfuse3.terminate()
+
+
+def fuse_close(*, unmount: bool) -> None:
+    """End the session; with ``unmount`` also remove the mount (lazily, as libfuse does)."""
+    pyfuse3.close(unmount=unmount)
+
+
 def raw_file_name(image_path: str) -> str:
     """``disk.qed`` → ``disk.raw`` (a name without a suffix just gains ``.raw``)."""
     base = os.path.basename(image_path.rstrip("/")) or "disk"
@@ -446,6 +473,10 @@ __all__ = [
     "PID_XATTR",
     "ROOT_INODE",
     "QedFS",
+    "fuse_close",
+    "fuse_init",
+    "fuse_main",
+    "fuse_terminate",
     "guard",
     "raw_file_name",
 ]

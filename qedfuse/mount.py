@@ -472,7 +472,7 @@ async def _serve(cfg: MountConfig, reporter: _Reporter) -> int:
 
 
 async def _watch_signals(signals: AsyncIterator[int], state: _State) -> None:
-    import pyfuse3
+    from qedfuse.fs import fuse_terminate
 
     async for signum in signals:
         state.n_signals += 1
@@ -487,7 +487,7 @@ async def _watch_signals(signals: AsyncIterator[int], state: _State) -> None:
         state.signal_name = name
         if state.mounted:
             log.info("%s: unmounting", name)
-            pyfuse3.terminate()
+            fuse_terminate()
         else:
             state.interrupted = True
             if state.startup_scope is not None:
@@ -495,9 +495,7 @@ async def _watch_signals(signals: AsyncIterator[int], state: _State) -> None:
 
 
 async def _serve_mount(cfg: MountConfig, reporter: _Reporter, state: _State) -> int:
-    import pyfuse3
-
-    from qedfuse.fs import QedFS, raw_file_name
+    from qedfuse.fs import QedFS, fuse_init, raw_file_name
 
     created_overlay = False
     image: QedImage | None = None
@@ -523,9 +521,9 @@ async def _serve_mount(cfg: MountConfig, reporter: _Reporter, state: _State) -> 
             cache=opts.cache,
         )
         fuse_options = opts.fuse_options(cfg.image_path, debug_fuse=cfg.debug_fuse)
-        log.debug("pyfuse3.init(%s, %s)", cfg.mountpoint, sorted(fuse_options))
+        log.debug("mounting %s with %s", cfg.mountpoint, sorted(fuse_options))
         try:
-            pyfuse3.init(ops, cfg.mountpoint, fuse_options)
+            fuse_init(ops, cfg.mountpoint, fuse_options)
         except RuntimeError as exc:
             raise _StartupError(
                 f"cannot mount {cfg.mountpoint}: {exc} (libfuse's reason, if any, is above)"
@@ -548,9 +546,8 @@ async def _serve_mount(cfg: MountConfig, reporter: _Reporter, state: _State) -> 
 async def _serve_mounted(
     cfg: MountConfig, reporter: _Reporter, state: _State, image: QedImage
 ) -> int:
-    import pyfuse3
-
     from qedfuse import sdnotify
+    from qedfuse.fs import fuse_close, fuse_main, fuse_terminate
 
     state.mounted = True
     code = EXIT_OK
@@ -568,14 +565,14 @@ async def _serve_mounted(
                 reporter.ready()
                 state.served = True
                 if state.signal_name is not None:  # a signal raced the start-up
-                    pyfuse3.terminate()
-                await pyfuse3.main()
+                    fuse_terminate()
+                await fuse_main()
                 nursery.cancel_scope.cancel()
         finally:
             if cfg.systemd:
                 sdnotify.stopping()
             with contextlib.suppress(Exception):
-                pyfuse3.close(unmount=True)
+                fuse_close(unmount=True)
             if state.served:
                 log.info("unmounted %s; flushing the image", cfg.mountpoint)
     except BaseException as exc:  # start-up or main() failed: still flush the image below

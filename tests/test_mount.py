@@ -298,6 +298,37 @@ async def test_guard_lets_cancellation_through() -> None:
     assert not image.failsafe
 
 
+def _imports(path: Path) -> tuple[set[str], set[str]]:
+    """(module-level imports, imports inside functions) of a source file."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    top: set[str] = set()
+    nested: set[str] = set()
+    for node in ast.walk(tree):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        (top if node in tree.body else nested).update(names)
+    return top, nested
+
+
+def test_only_fs_imports_pyfuse3() -> None:
+    """fs.py is the one pyfuse3 module; mount.py loads it lazily, nobody at import time."""
+    package = Path(__file__).resolve().parent.parent / "qedfuse"
+    for path in sorted(package.glob("*.py")):
+        top, nested = _imports(path)
+        if path.name != "fs.py":
+            assert "pyfuse3" not in top, f"{path.name} imports pyfuse3"
+            assert "qedfuse.fs" not in top, f"{path.name} imports qedfuse.fs at import time"
+        if path.name in ("mount.py", "options.py", "engine.py", "format.py", "backing.py"):
+            assert "pyfuse3" not in nested, f"{path.name} imports pyfuse3"
+    _, nested = _imports(package / "mount.py")
+    assert "qedfuse.fs" in nested
+
+
 # ---------------------------------------------------------------------------- real mounts
 
 
