@@ -211,3 +211,36 @@ def test_fio_verify(tmp_path: Path) -> None:
     with mounted(image, tmp_path / "mnt") as m:
         check_ok(run([fio, *common, f"--filename={m.raw}", "--verify_only"], timeout=170))
     assert hashlib.sha256(image.read_bytes()).hexdigest() == before  # verifying wrote nothing
+
+
+def test_fio_concurrent_aio_jobs_verify(tmp_path: Path) -> None:
+    """Four O_DIRECT libaio jobs at queue depth 8: reads, writes and fsyncs overlap in the
+    daemon (the kernel serialises only the writes to one inode)."""
+    fio = require_tool("fio")
+    image = _create(tmp_path / "disk.qed", "256M")
+    with mounted(image, tmp_path / "mnt") as m:
+        check_ok(
+            run(
+                [
+                    fio,
+                    "--name=qedfuse-aio",
+                    "--ioengine=libaio",
+                    "--iodepth=8",
+                    "--direct=1",
+                    "--rw=randrw",
+                    "--bsrange=4k-256k",
+                    "--numjobs=4",
+                    "--offset_increment=60m",
+                    "--size=60m",
+                    "--verify=crc32c",
+                    "--verify_fatal=1",
+                    "--fsync=16",
+                    "--verify_state_save=0",
+                    "--output-format=terse",
+                    f"--filename={m.raw}",
+                ],
+                timeout=170,
+            )
+        )
+    check_ok(run([require_tool("qemu-img"), "check", image]))
+    assert not need_check(image)
