@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,9 +72,8 @@ def pid_alive(pid: int) -> bool:
     return text[text.rfind(")") + 2 :][:1] not in ("Z", "X", "")
 
 
-def wait_until(predicate: object, timeout: float, what: str) -> None:
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     """Poll ``predicate()`` with backoff until true; fail after ``timeout`` seconds."""
-    assert callable(predicate)
     deadline = time.monotonic() + timeout
     delay = 0.005
     while not predicate():
