@@ -353,9 +353,9 @@ def version_lines() -> list[str]:
     """qedfuse's version, then pyfuse3's and libfuse's when they load without error."""
     lines = [f"qedfuse {__version__}"]
     try:
-        import pyfuse3
+        from qedfuse.fs import pyfuse3_version  # only the FUSE layer imports pyfuse3
 
-        lines.append(f"pyfuse3 {pyfuse3.__version__}")
+        lines.append(f"pyfuse3 {pyfuse3_version()}")
     except Exception:  # not installed or broken: --version still works
         pass
     libfuse = _libfuse_version()

@@ -437,6 +437,10 @@ class QedFS(pyfuse3.Operations):
 # The FUSE session, wrapped so that no module but this one touches pyfuse3.
 
 
+def pyfuse3_version() -> str:
+    return str(pyfuse3.__version__)
+
+
 def fuse_init(ops: QedFS, mountpoint: str, options: set[str]) -> None:
     """Mount: after this the kernel mount exists (requests queue until :func:`fuse_main`).
 
