@@ -823,6 +823,16 @@ def run_in_subprocess(*args: str, timeout: float = 120) -> dict[str, Any]:
     return summary
 
 
+def peak_rss_kib() -> int:
+    """This process's peak RSS (VmHWM: unlike ru_maxrss it does not inherit the parent's
+    peak across fork and exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def _limit_memory(limit: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
@@ -854,7 +864,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         summary = trio.run(run_fuzz, args.count, args.seed, extra)
     summary["elapsed"] = round(time.monotonic() - started, 1)
-    summary["maxrss_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    summary["maxrss_kib"] = peak_rss_kib()
     json.dump(summary, sys.stdout)
     sys.stdout.write("\n")
     return 0
