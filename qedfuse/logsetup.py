@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import faulthandler
 import logging
+import logging.handlers
 import os
 import signal
 import sys
@@ -62,16 +63,23 @@ def journal_wanted(systemd: bool) -> bool:
     return systemd or bool(os.environ.get("JOURNAL_STREAM"))
 
 
+def syslog_address() -> str:
+    return os.environ.get("QEDFUSE_SYSLOG_SOCKET", "/dev/log")
+
+
 def setup_logging(
     debug: bool,
     *,
     log_file: str | None = None,
     systemd: bool = False,
     level: int | None = None,
+    syslog: bool = False,
 ) -> None:
     """Install qedfuse's log handlers on the root logger (replacing earlier ones).
 
-    ``level`` overrides the threshold (default: DEBUG with ``debug``, else INFO).
+    ``level`` overrides the threshold (default: DEBUG with ``debug``, else INFO).  With
+    ``syslog`` and no ``log_file``, log to the syslog socket (``$QEDFUSE_SYSLOG_SOCKET`` or
+    ``/dev/log``) when it exists: a detached daemon has no stderr.
     """
     root = logging.getLogger()
     _remove_handlers()
@@ -87,6 +95,11 @@ def setup_logging(
                 _TIME_FORMAT,
             )
         )
+    elif syslog and os.path.exists(syslog_address()):
+        new = logging.handlers.SysLogHandler(
+            address=syslog_address(), facility=logging.handlers.SysLogHandler.LOG_DAEMON
+        )
+        new.setFormatter(logging.Formatter("qedfuse[%(process)d]: %(levelname)s %(message)s"))
     else:
         new = logging.StreamHandler(sys.stderr)
         if journal_wanted(systemd):

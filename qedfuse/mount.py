@@ -280,7 +280,9 @@ def _setup_logging(cfg: MountConfig, *, detached: bool) -> None:
     level = None
     if not cfg.debug and not cfg.foreground and cfg.options.log_file is None and not detached:
         level = logging.WARNING  # a daemonizing `mount` prints nothing but problems
-    setup_logging(cfg.debug, log_file=cfg.options.log_file, systemd=cfg.systemd, level=level)
+    setup_logging(
+        cfg.debug, log_file=cfg.options.log_file, systemd=cfg.systemd, level=level, syslog=detached
+    )
 
 
 def mount_main(ns: argparse.Namespace) -> int:
