@@ -244,6 +244,9 @@ class QedImage:
         self._data_gen = 0  # bumped by every data pwrite
         self._synced_gen = 0  # value of _data_gen covered by the last completed data sync
         self._need_check_on_disk = header.need_check
+        # Opened with NEED_CHECK still set (repair disabled, or corruption the repair left):
+        # the image was never found consistent, so no flush may clear the bit (QEMU bug J).
+        self._unchecked = header.need_check
         self._metadata_dirty = trio.Event()
         self._last_write_time = 0.0
         self._zero_cluster = bytes(geometry.cluster_size)
@@ -676,7 +679,7 @@ class QedImage:
             await self._write_table(self.header.l1_table_offset, self._l1, set(dirty_l1))
             await self.file.fdatasync()
             self._l1_dirty_pages.clear()
-        if self._need_check_on_disk:
+        if self._need_check_on_disk and not self._unchecked:
             header = self.header.replace(features=self.header.features & ~fmt.Feature.NEED_CHECK)
             await self.file.pwrite(0, header.pack())
             await self.file.fdatasync()
