@@ -947,12 +947,24 @@ async def test_read_write_open_of_need_check_image_repairs() -> None:
     assert (w.corruptions, w.leaks) == ([], [])
 
 
-async def test_repair_on_open_can_be_disabled() -> None:
+async def test_unrepaired_need_check_is_never_cleared_qemu_bug_j() -> None:
+    # Opened read-write with NEED_CHECK set and no repair: the image was never checked, so
+    # no flush may mark it clean (QEMU bug J: close clears it unconditionally).
     data = await _dirty_image_with_bad_entry()
     img = await open_bytes(data, options=OpenOptions(repair_on_open=False))
     assert need_check_on_disk(img)
     with pytest.raises(CorruptionError):
         await img.read(2 * 4096, 4096)
+    await img.write(5 * MiB, b"\x55" * 4096)
+    await img.flush()
+    assert need_check_on_disk(img)
+    img = await reopen(img, options=OpenOptions(repair_on_open=False))
+    assert need_check_on_disk(img)
+    assert await img.read(5 * MiB, 4096) == b"\x55" * 4096
+    # A repairing open then fixes the entry and clears the bit.
+    img = await reopen(img)
+    assert not need_check_on_disk(img)
+    assert await img.read(2 * 4096, 4096) == bytes(4096)
     await img.close()
 
 
