@@ -390,22 +390,28 @@ def walk(data: Buffer) -> Walk:
     def valid_cluster(offset: int) -> bool:
         return offset % cs == 0 and header_end <= offset < w.file_end
 
+    def nonzero_entries(table_offset: int) -> list[tuple[int, int]]:
+        """(index, value) of the non-zero entries, skipping all-zero 4 KiB pages quickly."""
+        out: list[tuple[int, int]] = []
+        for page in range(0, ts * cs, 4096):
+            raw_page = data[table_offset + page : table_offset + page + 4096]
+            if raw_page.count(0) == len(raw_page):
+                continue
+            for k, value in enumerate(struct.unpack(f"<{len(raw_page) // 8}Q", raw_page)):
+                if value:
+                    out.append((page // 8 + k, value))
+        return out
+
     for k in range(ts):
         claim(l1_offset + k * cs, "L1")
-    l1 = struct.unpack(f"<{n_entries}Q", data[l1_offset : l1_offset + ts * cs])
-    for l1_index, l2_offset in enumerate(l1):
-        if l2_offset == 0:
-            continue
+    for l1_index, l2_offset in nonzero_entries(l1_offset):
         if not (valid_cluster(l2_offset) and valid_cluster(l2_offset + (ts - 1) * cs)):
             w.corruptions.append(f"L1[{l1_index}] = {l2_offset:#x} invalid")
             continue
         if not all(claim(l2_offset + k * cs, f"L2 of L1[{l1_index}]") for k in range(ts)):
             continue
         w.l2_tables.append(l2_offset)
-        l2 = struct.unpack(f"<{n_entries}Q", data[l2_offset : l2_offset + ts * cs])
-        for l2_index, entry in enumerate(l2):
-            if entry == 0:
-                continue
+        for l2_index, entry in nonzero_entries(l2_offset):
             guest_cluster = l1_index * n_entries + l2_index
             if entry == 1:
                 w.mapping[guest_cluster] = 1

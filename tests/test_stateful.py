@@ -234,7 +234,7 @@ def make_machine(geo: Geometry) -> type[RuleBasedStateMachine]:
 
 
 CI_SETTINGS = settings(
-    max_examples=40,
+    max_examples=80,
     stateful_step_count=30,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
