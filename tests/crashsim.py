@@ -578,27 +578,36 @@ class Oracle:
     image_size: int
     #: sector -> [(op id, content after that op)] in op order
     versions: dict[int, list[tuple[int, bytes]]] = field(default_factory=dict)
+    #: what never-written sectors read: the backing image's bytes (zeros past its end)
+    base: bytes = b""
 
     @classmethod
-    def build(cls, image_size: int, writes: Sequence[tuple[int, int, bytes]]) -> Oracle:
+    def build(
+        cls, image_size: int, writes: Sequence[tuple[int, int, bytes]], base: bytes = b""
+    ) -> Oracle:
         """``writes``: ``(op_id, pos, data)`` guest writes (write_zeroes as zero data)."""
-        oracle = cls(image_size)
+        oracle = cls(image_size, base=base)
         model: dict[int, bytearray] = {}
         for op_id, pos, data in writes:
             if not data:
                 continue
             first, last = _sectors(pos, len(data))
             for s in range(first, last + 1):
-                sector = model.setdefault(s, bytearray(SECTOR))
+                sector = model.setdefault(s, bytearray(oracle.base_sector(s)))
                 lo = max(pos, s * SECTOR)
                 hi = min(pos + len(data), (s + 1) * SECTOR)
                 sector[lo - s * SECTOR : hi - s * SECTOR] = data[lo - pos : hi - pos]
                 oracle.versions.setdefault(s, []).append((op_id, bytes(sector)))
         return oracle
 
+    def base_sector(self, sector: int) -> bytes:
+        if sector * SECTOR >= len(self.base):
+            return ZERO_SECTOR
+        return self.base[sector * SECTOR : (sector + 1) * SECTOR].ljust(SECTOR, b"\0")
+
     def allowed(self, sector: int, acked: int) -> list[bytes]:
         """Contents a sector may show when ops below ``acked`` are acknowledged."""
-        durable = ZERO_SECTOR
+        durable = self.base_sector(sector)
         later: list[bytes] = []
         for op_id, content in self.versions.get(sector, ()):
             if op_id < acked:
@@ -714,22 +723,51 @@ async def verify_view(
                 if len(out) >= 4:
                     return out
     for ext in await img.extents():
-        if ext.kind is not engine.Kind.DATA:
+        if ext.kind is engine.Kind.UNALLOCATED:
+            continue  # zeros, or the backing image: what never-written sectors read anyway
+        if ext.kind is engine.Kind.ZERO and ext.pos >= len(oracle.base):
             continue
         view = await img.read(ext.pos, ext.length)
-        if view.count(0) == len(view):
+        if not oracle.base and view.count(0) == len(view):
             continue
         for s in range(ext.pos // SECTOR, (ext.pos + ext.length + SECTOR - 1) // SECTOR):
             if s in oracle.versions or s in relaxed:
                 continue
             lo = max(s * SECTOR, ext.pos) - ext.pos
             hi = min((s + 1) * SECTOR, ext.pos + ext.length) - ext.pos
-            if view[lo:hi].count(0) != hi - lo:
+            base = oracle.base_sector(s)[lo + ext.pos - s * SECTOR :][: hi - lo]
+            if view[lo:hi] != base:
                 out.append(
-                    Violation("foreign", f"never-written guest sector {s} reads non-zero data")
+                    Violation(
+                        "foreign",
+                        f"never-written guest sector {s} ({ext.kind.value}) does not read "
+                        "the backing image / zeros",
+                    )
                 )
                 return out
     return out
+
+
+class MemoryBacking:
+    """A raw backing image in memory (a :class:`~qedfuse.engine.GuestSource`)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    @property
+    def image_size(self) -> int:
+        return len(self.data)
+
+    async def read_padded(self, pos: int, size: int) -> bytes:
+        await trio.lowlevel.checkpoint()
+        return self.data[pos : pos + size].ljust(size, b"\0")
+
+    async def aclose(self) -> None:
+        pass
+
+
+def _backing(data: bytes | None) -> MemoryBacking | None:
+    return None if data is None else MemoryBacking(data)
 
 
 def _corruptions(report: Any) -> int:
@@ -744,6 +782,7 @@ async def check_state(
     check_fn: CheckFn | None = None,
     cross_check: bool = True,
     ordering: bool = True,
+    backing: bytes | None = None,
 ) -> StateResult:
     """Run checks (a)-(d) on one crash state; ``check_fn`` defaults to ``qedfuse.check``.
 
@@ -759,16 +798,15 @@ async def check_state(
         # (a) read-only open, then a full mapping walk
         try:
             with trio.fail_after(STEP_TIMEOUT):
-                ro = await engine.open_image(
-                    MemoryImage(state.data, read_only=True), read_only=True
-                )
+                ro_file = MemoryImage(state.data, read_only=True)
+                ro = await engine.open_image(ro_file, read_only=True, backing=_backing(backing))
         except FormatError as exc:
             result.refused = True
             if not metadata_garbage:
                 v.append(Violation("open_refused", f"read-only open refused: {exc}"))
             try:
                 with trio.fail_after(STEP_TIMEOUT):
-                    rw = await engine.open_image(MemoryImage(state.data))
+                    rw = await engine.open_image(MemoryImage(state.data), backing=_backing(backing))
                 v.append(Violation("open_exception", "read-write open accepted what RO refused"))
                 await rw.close()
             except FormatError:
@@ -812,7 +850,7 @@ async def check_state(
                 await reference_check_fn(mem, True)
         options = engine.OpenOptions(repair_on_open=check is not reference_check_fn)
         with trio.fail_after(STEP_TIMEOUT):
-            rw = await engine.open_image(mem, options=options)
+            rw = await engine.open_image(mem, options=options, backing=_backing(backing))
         try:
             if not metadata_garbage:
                 with trio.fail_after(STEP_TIMEOUT):
@@ -853,6 +891,8 @@ class Recording:
     layout: Layout
     image_size: int
     n_ops: int
+    #: the raw backing image, if the workload ran on an overlay
+    backing: bytes | None = None
 
 
 def pattern(op_id: int, size: int, seed: int = 0) -> bytes:
@@ -872,6 +912,7 @@ async def record_workload(
     table_size: int = 2,
     prefill: Sequence[tuple[int, bytes]] = (),
     seed: int = 0,
+    backing: bytes | None = None,
 ) -> Recording:
     """Create an image (with ``prefill`` written, flushed and closed), then record ``ops``.
 
@@ -879,11 +920,18 @@ async def record_workload(
     ``("write", pos, size)`` with an int third item writes :func:`pattern` data.
     """
     mem = MemoryImage()
-    await engine.create_image(mem, image_size, cluster_size=cluster_size, table_size=table_size)
+    await engine.create_image(
+        mem,
+        image_size,
+        cluster_size=cluster_size,
+        table_size=table_size,
+        backing_name=b"base.raw" if backing is not None else b"",
+        backing_raw=True,
+    )
     oracle_writes: list[tuple[int, int, bytes]] = []
     op_id = 0
     if prefill:
-        img = await engine.open_image(mem)
+        img = await engine.open_image(mem, backing=_backing(backing))
         for pos, data in prefill:
             await img.write(pos, data)
             oracle_writes.append((op_id, pos, data))
@@ -892,7 +940,7 @@ async def record_workload(
     initial = bytes(mem.data)
     initial_acked = op_id
     rec = RecordingBackend(mem)
-    img = await engine.open_image(rec)
+    img = await engine.open_image(rec, backing=_backing(backing))
     n_ops = op_id
     for op in ops:
         rec.mark("OP", op_id)
@@ -910,7 +958,7 @@ async def record_workload(
         elif kind == "reopen":
             await img.close()
             rec.ack(op_id)
-            img = await engine.open_image(rec)
+            img = await engine.open_image(rec, backing=_backing(backing))
         else:
             raise ValueError(f"unknown op {op!r}")
         op_id += 1
@@ -920,10 +968,11 @@ async def record_workload(
         initial,
         rec.log,
         initial_acked,
-        Oracle.build(image_size, oracle_writes),
+        Oracle.build(image_size, oracle_writes, backing or b""),
         layout,
         image_size,
         n_ops,
+        backing,
     )
 
 
@@ -988,7 +1037,12 @@ async def replay(
         if extra_garbage:
             state = dataclasses.replace(state, garbage=extra_garbage + state.garbage)
         result = await check_state(
-            state, recording.oracle, recording.layout, check_fn=check_fn, ordering=ordering
+            state,
+            recording.oracle,
+            recording.layout,
+            check_fn=check_fn,
+            ordering=ordering,
+            backing=recording.backing,
         )
         figures.add_result(state, result, label)
         if keep is not None:
@@ -1029,6 +1083,7 @@ __all__ = [
     "FigureReport",
     "Figures",
     "Layout",
+    "MemoryBacking",
     "Oracle",
     "RecordingBackend",
     "RefCheck",

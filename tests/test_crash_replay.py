@@ -203,6 +203,43 @@ async def test_a1_enumerated_workloads_crash_states(request: pytest.FixtureReque
     assert figures.counts["corrupt before repair"] >= 50  # garbage over metadata is repaired
 
 
+#: Overlay workloads: copy-on-write from a raw backing image and zero clusters.
+BACKING = cs.pattern(777, 6 * MIB)  # shorter than the 8 MiB overlay: its tail reads zeros
+OVERLAY_MENU: dict[str, tuple[Any, ...]] = {
+    "cow": ("write", 5 * CL + 300, 1000),  # sub-cluster: the rest comes from the backing
+    "cowx": ("write", 7 * CL + 3000, 6000),
+    "zfull": ("zeroes", 2 * CL, 2 * CL),  # zero-cluster entries: metadata only
+    "zpart": ("zeroes", 9 * CL + 512, 1024),
+    "wzero": ("write", 2 * CL + 100, 200),  # into the zero clusters (if zfull ran)
+    "wt1": ("write", 4 * MIB + 2 * CL, CL),  # a new L2 table, over the backing
+    "tail": ("write", 6 * MIB - 1024, 4096),  # straddles the end of the backing
+}
+
+
+async def test_a1_overlay_workloads(request: pytest.FixtureRequest) -> None:
+    """Overlays: acknowledged COW data and zero clusters survive; never-written sectors
+    read the backing image (or zeros past its end), never stale or foreign bytes."""
+    figures = cs.Figures()
+    started = time.monotonic()
+    names = list(OVERLAY_MENU)
+    for i, a in enumerate(names):
+        for j, b in enumerate(names):
+            shapes = [[a, "F", b, "F"], [a, b, "F"]] + ([[a, "R", b]] if (i + j) % 3 == 0 else [])
+            for shape in shapes:
+                ops = [{"F": FLUSH, "R": REOPEN}.get(key) or OVERLAY_MENU[key] for key in shape]
+                recording = await cs.record_workload(
+                    ops, image_size=IMAGE_SIZE, cluster_size=CL, table_size=2, backing=BACKING
+                )
+                await cs.replay(recording, figures, label="overlay:" + ",".join(shape))
+    cs.report_figures(
+        request.config,
+        "crash replay A1 (overlays on a raw backing image)",
+        [*figures.lines(), f"elapsed: {time.monotonic() - started:.1f} s"],
+    )
+    assert_no_violations(figures)
+    assert figures.counts["states"] >= 1000
+
+
 _OP_STRATEGY = st.one_of(
     st.tuples(
         st.just("write"),
@@ -821,3 +858,18 @@ async def test_our_log_round_trips_through_the_dm_log_writes_format() -> None:
     assert all(len(e[2]) % 512 == 0 for e in ours if e[0] == "W")
     assert cs.parse_dm_log(cs.write_dm_log(ours)) == ours
     assert cs.dm_log_entries(cs.write_dm_log(ours)) == len(ours)
+
+
+async def test_overlay_oracle_catches_a_cow_fill_of_zeros(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Self-test: an engine that fills new clusters with zeros instead of backing data."""
+
+    async def zero_fill(self: engine.QedImage, pos: int, size: int, old_kind: Any) -> bytes:
+        return bytes(size)
+
+    monkeypatch.setattr(engine.QedImage, "_fill", zero_fill)
+    recording = await cs.record_workload(
+        [OVERLAY_MENU["cow"], FLUSH], image_size=IMAGE_SIZE, cluster_size=CL, backing=BACKING
+    )
+    figures = cs.Figures()
+    await cs.replay(recording, figures)
+    assert figures.counts["violation:foreign"] >= 1, figures.lines()
