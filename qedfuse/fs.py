@@ -112,7 +112,9 @@ class QedFS(pyfuse3.Operations):
     """pyfuse3 operations serving ``image`` as the file ``file_name``."""
 
     supports_dot_lookup = True
-    enable_writeback_cache = False  # the kernel serialises writes; nothing dirty at umount
+    #: Off by default: the kernel then serialises writes and holds nothing dirty at umount.
+    #: ``-o writeback_cache`` turns it on per instance (read by pyfuse3's INIT handler).
+    enable_writeback_cache = False
 
     def __init__(
         self,
@@ -125,8 +127,10 @@ class QedFS(pyfuse3.Operations):
         gid: int | None = None,
         umask: int = 0o077,
         cache: CacheMode = CacheMode.AUTO,
+        writeback_cache: bool = False,
     ) -> None:
         super().__init__()
+        self.enable_writeback_cache = writeback_cache
         self.image = image
         self.file_name = os.fsencode(file_name)
         self.image_path = image_path

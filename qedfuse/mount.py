@@ -103,8 +103,9 @@ def configure_mount_parser(p: argparse.ArgumentParser) -> None:
     p.epilog = (
         "-o options: ro, rw, uid=, gid=, umask=, fsname=, cache=auto|none|kernel, log=FILE, "
         "debug, backing=PATH, untrusted, detect_zeroes=on|off, flush_delay=SECONDS, "
-        "pidfile=FILE; passed to FUSE: allow_other, allow_root, default_permissions, noatime, "
-        "atime, sync, async, dirsync, noexec, exec, nodev, nosuid, dev, suid, auto_unmount, "
+        "pidfile=FILE, writeback_cache; passed to FUSE: allow_other, allow_root, "
+        "default_permissions, noatime, atime, sync, async, dirsync, noexec, exec, nodev, "
+        "nosuid, dev, suid, auto_unmount, "
         "max_read=N; fstab/mount(8)-only options (defaults, nofail, _netdev, x-*, …) are "
         "ignored.  -f means foreground here, also when run by mount(8)."
     )
@@ -521,6 +522,7 @@ async def _serve_mount(cfg: MountConfig, reporter: _Reporter, state: _State) -> 
             gid=opts.gid,
             umask=opts.umask,
             cache=opts.cache,
+            writeback_cache=opts.writeback_cache,
         )
         fuse_options = opts.fuse_options(cfg.image_path, debug_fuse=cfg.debug_fuse)
         log.debug("mounting %s with %s", cfg.mountpoint, sorted(fuse_options))

@@ -6,7 +6,8 @@ all make ``fuse_session_new()`` fail), so qedfuse reads every option itself and 
 * **consumed** by qedfuse: ``ro``, ``rw``, ``uid=``, ``gid=``, ``umask=``, ``fsname=``,
   ``cache=auto|none|kernel`` (aliases ``auto_cache``, ``direct_io``, ``kernel_cache``),
   ``log=FILE``, ``debug``, ``backing=PATH``, ``untrusted``, ``detect_zeroes=on|off``,
-  ``flush_delay=SECONDS``, ``pidfile=FILE``, ``subtype=`` (always ``qedfuse``);
+  ``flush_delay=SECONDS``, ``pidfile=FILE``, ``writeback_cache``, ``subtype=`` (always
+  ``qedfuse``);
 * **passed** to libfuse: :data:`PASS_THROUGH` and ``max_read=N`` (``ro`` is passed as well,
   so the kernel marks the mount read-only);
 * **dropped** silently: userspace-only options mount(8), mount.fuse3 and fstab add
@@ -105,6 +106,8 @@ class MountOptions:
     detect_zeroes: bool = True
     flush_delay: float = DEFAULT_FLUSH_DELAY
     pidfile: str | None = None
+    #: Ask the kernel for FUSE's writeback cache (pyfuse3 ``enable_writeback_cache``).
+    writeback_cache: bool = False
     #: Options for libfuse, in the order given (without fsname/subtype/default_permissions).
     fuse: tuple[str, ...] = field(default_factory=tuple)
 
@@ -238,6 +241,7 @@ _FLAGS: dict[str, tuple[str, object]] = {
     "auto_cache": ("cache", CacheMode.AUTO),
     "direct_io": ("cache", CacheMode.NONE),
     "kernel_cache": ("cache", CacheMode.KERNEL),
+    "writeback_cache": ("writeback_cache", True),
 }
 #: Options with a value: key → (MountOptions field, parser).
 _VALUED: dict[str, tuple[str, Callable[[str, str], object]]] = {

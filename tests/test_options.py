@@ -173,3 +173,15 @@ def test_bad_options(option: str, message: str) -> None:
     with pytest.raises(OptionError) as info:
         parse_options(["ro", option])
     assert str(info.value) == message
+
+
+def test_writeback_cache_flag() -> None:
+    """``writeback_cache`` is consumed by qedfuse (it becomes pyfuse3's
+    ``enable_writeback_cache``), never handed to libfuse, which would refuse it."""
+    assert not parse_options([]).writeback_cache
+    opts = parse_options(["rw,writeback_cache"])
+    assert opts.writeback_cache
+    assert opts.fuse == ()
+    assert not any("writeback" in o for o in opts.fuse_options("/x.qed"))
+    with pytest.raises(OptionError, match="unknown mount option 'writeback_cache=1'"):
+        parse_options(["writeback_cache=1"])
