@@ -21,6 +21,7 @@ from typing import Any
 
 from bench import jobs as J
 from bench import system
+from bench import targets as targets_mod
 from bench.targets import BenchError, Target, daemon_alive, make_targets
 
 DEFAULT_OUT = system.REPO_ROOT / "bench" / "results"
@@ -60,13 +61,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="~2-minute smoke run (small sizes)")
     p.add_argument("--rounds", type=int, help="interleaved rounds (default 3, quick 1)")
     p.add_argument("--fs", type=_csv(ALL_FS), default=ALL_FS, help="tmpfs,disk (default both)")
-    p.add_argument("--targets", type=_csv(ALL_TARGETS), default=ALL_TARGETS,
-                   help="qedfuse,qsd,raw (default all)")  # fmt: skip
+    p.add_argument(
+        "--targets",
+        type=_csv(ALL_TARGETS),
+        default=ALL_TARGETS,
+        help="qedfuse,qsd,raw (default all)",
+    )
     p.add_argument("--jobs", default="all", help="all, a count N (first N), or job names")
-    p.add_argument("--disk-dir", type=Path, default=DEFAULT_DISK_DIR,
-                   help=f"parent dir for the disk runs (default {DEFAULT_DISK_DIR})")  # fmt: skip
+    p.add_argument(
+        "--disk-dir",
+        type=Path,
+        default=DEFAULT_DISK_DIR,
+        help=f"parent dir for the disk runs (default {DEFAULT_DISK_DIR})",
+    )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where latest.{md,json,png} go")
     p.add_argument("--qedfuse-opts", default="", help="-o options for qedfuse mount")
+    p.add_argument(
+        "--qedfuse-cmd", default="", help="command that runs qedfuse (default .venv/bin/qedfuse)"
+    )
     p.add_argument("--image-size", type=parse_size, help="virtual disk size (default 4G)")
     p.add_argument("--seq-size", type=parse_size, help="sequential job size (default 1G)")
     p.add_argument("--random-ios", type=int, help="I/Os per random job (default 20000)")
@@ -82,10 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--no-memory", dest="memory", action="store_false")
     mem.add_argument("--memory-only", action="store_true", help="only the memory figure")
     p.add_argument("--memory-data", type=parse_size, default=8 << 30, help="default 8G")
+    p.add_argument(
+        "--memory-targets",
+        type=_csv(["qedfuse", "qsd"]),
+        default=["qedfuse"],
+        help="daemons for the memory figure (default qedfuse; qsd adds ~2 min)",
+    )
     p.add_argument("--no-micro", action="store_true", help="skip the pread/thread micro-bench")
     p.add_argument("--no-chart", action="store_true", help="do not draw latest.png")
-    p.add_argument("--no-install", action="store_true",
-                   help="never pip-install matplotlib for the chart")  # fmt: skip
+    p.add_argument(
+        "--no-install", action="store_true", help="never pip-install matplotlib for the chart"
+    )
     return p
 
 
@@ -150,15 +169,29 @@ def run_target(
             if s.pid is not None:
                 cpu0 = system.cpu_seconds(s.pid)
                 system.reset_peak_rss(s.pid)
+            host0, _ = system.host_cpu_seconds()
+            fio0 = system.children_cpu_seconds()
             t0 = time.monotonic()
-            res, cmd = J.run_fio(job, s.file, workdir, seed=rnd, sizes=sizes,
-                                 timeout_s=max(900, sizes.random_runtime_s * 10))  # fmt: skip
+            res, cmd = J.run_fio(
+                job,
+                s.file,
+                workdir,
+                seed=rnd,
+                sizes=sizes,
+                timeout_s=max(900, sizes.random_runtime_s * 10),
+            )
             rec["wall_s"] = time.monotonic() - t0
+            rec["fio_cpu_s"] = system.children_cpu_seconds() - fio0
+            rec["host_busy_s"] = system.host_cpu_seconds()[0] - host0
             if s.pid is not None:
                 if not daemon_alive(s):
                     raise BenchError(f"{target.key} daemon died during {job.name}")
                 rec["cpu_s"] = system.cpu_seconds(s.pid) - cpu0
                 rec["peak_rss_kib"] = system.status_kib(s.pid, "VmHWM")
+            # CPU used by neither fio nor the daemon: other work on the machine (noise).
+            rec["foreign_cpu_s"] = max(
+                0.0, rec["host_busy_s"] - rec["fio_cpu_s"] - rec.get("cpu_s", 0.0)
+            )
             rec.update(dataclasses.asdict(res))
             rec["unit"] = job.unit
             results["fio_commands"].setdefault(job.name, shlex.join(cmd))
@@ -166,8 +199,10 @@ def run_target(
             value = f"{res.value:,.0f} {job.unit}" if res.value is not None else "-"
             extra = f" cpu {rec['cpu_s']:.1f}s" if "cpu_s" in rec else ""
             p50 = f" p50 {res.p50_ns / 1000:.0f}us" if res.p50_ns else ""
-            log(f"{tag} {job.name:16s} {value:>14s}{p50}{extra}"
-                + (f"  ERROR: {res.error}" if res.error else ""))  # fmt: skip
+            log(
+                f"{tag} {job.name:16s} {value:>14s}{p50}{extra}"
+                + (f"  ERROR: {res.error}" if res.error else "")
+            )
             if res.error:
                 where = f"{fs} r{rnd + 1} {target.key} {job.name}"
                 if job.verify and target.key == "qsd" and "verify:" in res.error:
@@ -177,17 +212,18 @@ def run_target(
                     results["known_failures"].append(f"{where}: {res.error}")
                 else:
                     results["errors"].append(f"{where}: {res.error}")
-    chk = {"fs": fs, "round": rnd, "target": target.key, "daemon_rc": s.daemon_rc,
-           "notes": s.notes}  # fmt: skip
+    chk = {"fs": fs, "round": rnd, "target": target.key, "daemon_rc": s.daemon_rc, "notes": s.notes}
     if s.check is not None:
         chk.update(rc=s.check.rc, output=s.check.output)
         log(f"{tag} qemu-img check rc {s.check.rc}")
         if s.check.rc != 0:
-            results["errors"].append(f"{fs} r{rnd + 1} {target.key}: qemu-img check rc "
-                                     f"{s.check.rc}: {s.check.output}")  # fmt: skip
+            results["errors"].append(
+                f"{fs} r{rnd + 1} {target.key}: qemu-img check rc {s.check.rc}: {s.check.output}"
+            )
     if s.daemon_rc not in (None, 0):
-        results["errors"].append(f"{fs} r{rnd + 1} {target.key}: daemon exited {s.daemon_rc}: "
-                                 f"{s.daemon_log[-500:]}")  # fmt: skip
+        results["errors"].append(
+            f"{fs} r{rnd + 1} {target.key}: daemon exited {s.daemon_rc}: {s.daemon_log[-500:]}"
+        )
     results["checks"].append(chk)
 
 
@@ -213,12 +249,13 @@ def run_matrix(ns: argparse.Namespace, sizes: J.Sizes, results: dict[str, Any]) 
 def run_memory_figure(ns: argparse.Namespace, results: dict[str, Any]) -> None:
     from bench.memory import run_memory
 
-    kinds = [k for k in ns.targets if k in ("qedfuse", "qsd")]
+    kinds = ns.memory_targets
     ns.disk_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="qedfuse-bench-mem-", dir=ns.disk_dir))
     try:
-        results["memory"] = run_memory(work, kinds, ns.qedfuse_opts, data_size=ns.memory_data,
-                                       log=log)  # fmt: skip
+        results["memory"] = run_memory(
+            work, kinds, ns.qedfuse_opts, data_size=ns.memory_data, log=log
+        )
         results["memory_dir_type"] = system.fs_type(work)
     finally:
         subprocess.run(["rm", "-rf", "--one-file-system", str(work)], check=False)
@@ -243,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"bench: {exc}")
         return 2
     signal.signal(signal.SIGTERM, _on_sigterm)
+    if ns.qedfuse_cmd:
+        targets_mod.QEDFUSE_CMD[:] = shlex.split(ns.qedfuse_cmd)
     from bench.report import write_outputs
 
     started = time.monotonic()
@@ -256,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
             "drop_caches": "ok (echo 3 > /proc/sys/vm/drop_caches before each cold-read job)",
             "targets": {t.key: t.describe() for t in make_targets(ns.targets, ns.qedfuse_opts)},
             "qedfuse_opts": ns.qedfuse_opts,
+            "loadavg_start": system.loadavg(),
         },
         "filesystems": {},
         "records": [],
@@ -281,8 +321,10 @@ def main(argv: list[str] | None = None) -> int:
         results["errors"].append("interrupted")
         log("bench: interrupted; writing partial results")
     results["meta"]["duration_s"] = time.monotonic() - started
-    paths = write_outputs(results, ns.out, chart=not ns.no_chart, install=not ns.no_install,
-                          log=log)  # fmt: skip
+    results["meta"]["loadavg_end"] = system.loadavg()
+    paths = write_outputs(
+        results, ns.out, chart=not ns.no_chart, install=not ns.no_install, log=log
+    )
     for p in paths:
         log(f"wrote {p}")
     if results["errors"]:

@@ -6,6 +6,7 @@ import contextlib
 import datetime
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -129,6 +130,26 @@ def reset_peak_rss(pid: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def host_cpu_seconds() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    total = sum(fields[:8])  # guest time is already counted in user
+    return (total - idle) / _CLK_TCK, total / _CLK_TCK
+
+
+def children_cpu_seconds() -> float:
+    """CPU time of this process's waited-for children (fio and its job processes)."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def loadavg() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
 
 
 def pid_alive(pid: int) -> bool:

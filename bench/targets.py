@@ -21,6 +21,9 @@ from pathlib import Path
 from bench.system import VENV_BIN, is_mounted, pid_alive, unmount, wait_until
 
 CLUSTER_SIZE = 64 * 1024
+#: How to run qedfuse; ``--qedfuse-cmd`` replaces it (e.g. to try a patched copy of the
+#: package: ``env PYTHONPATH=/tmp/proto .venv/bin/python -m qedfuse``).
+QEDFUSE_CMD: list[str] = [str(VENV_BIN / "qedfuse")]
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 120.0
 
@@ -95,7 +98,7 @@ def _stop_process(proc: subprocess.Popen[bytes], mountpoint: Path, log: list[str
 
 
 def qedfuse_command(image: Path, mountpoint: Path, opts: str) -> list[str]:
-    cmd = [str(VENV_BIN / "qedfuse"), "mount", "-f"]
+    cmd = [*QEDFUSE_CMD, "mount", "-f"]
     if opts:
         cmd += ["-o", opts]
     return [*cmd, str(image), str(mountpoint)]
@@ -131,7 +134,7 @@ def qedfuse_mount(image: Path, workdir: Path, opts: str = "") -> Iterator[Sessio
     finally:
         if is_mounted(mountpoint):
             cp = subprocess.run(
-                [str(VENV_BIN / "qedfuse"), "umount", "--wait", str(mountpoint)],
+                [*QEDFUSE_CMD, "umount", "--wait", str(mountpoint)],
                 capture_output=True,
                 text=True,
                 timeout=STOP_TIMEOUT_S + 30,
