@@ -61,6 +61,7 @@ at most :data:`MAX_MESSAGES` messages.
 
 from __future__ import annotations
 
+import mmap
 from array import array
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
@@ -72,7 +73,8 @@ from qedfuse.errors import QedError, ReadOnlyError
 if TYPE_CHECKING:
     from qedfuse.imagefile import BlockFile
 
-#: Largest number of file clusters the checker accepts (a 256 MiB bitmap).
+#: Largest number of file clusters the checker accepts (a bitmap of up to 256 MiB of
+#: address space, resident only where clusters are referenced).
 MAX_CLUSTERS: Final = 2**31
 #: Cap on recorded findings; further ones are counted but not described.
 MAX_MESSAGES: Final = 1000
@@ -85,6 +87,15 @@ DUPLICATE_REPAIR_FLOOR: Final = 4096
 
 _REPAIR_MODES: Final = {"leaks", "all"}
 _CHUNK: Final = 1 << 16  # bitmap bytes handled at once when counting
+
+
+def _zeroed_bitmap(n_bytes: int) -> bytearray | mmap.mmap:
+    """A zeroed byte buffer.  Large ones are private anonymous mappings (a shared one would
+    allocate pages on read): pages the walk never marks stay non-resident, so a huge sparse
+    file costs memory only where clusters are referenced."""
+    if n_bytes <= 1 << 20:
+        return bytearray(n_bytes)
+    return mmap.mmap(-1, n_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 
 
 @dataclass
@@ -243,7 +254,7 @@ class _Pass:
         self.n_writes = 0
         self.messages: list[str] = []
         self._n_unlisted = 0
-        self._bits = bytearray()
+        self._bits: bytearray | mmap.mmap = bytearray()
         # First cluster index of every accepted L2 table -> its L1 index.
         self._tables: dict[int, int] = {}
         # (table offset, entry index, cluster offset) of every duplicate reference to repair.
@@ -324,7 +335,7 @@ class _Pass:
                 f"{MAX_CLUSTERS}; not checked"
             )
             return
-        self._bits = bytearray((self.n_clusters + 7) // 8)
+        self._bits = _zeroed_bitmap((self.n_clusters + 7) // 8)
         for cluster in range(min(max(self.header.header_size, 1), self.n_clusters)):
             self._set(cluster)
         if self.file_size > self.alloc_end:

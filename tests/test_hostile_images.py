@@ -122,11 +122,6 @@ def test_corpus_memory_bounded_in_subprocess(request: pytest.FixtureRequest) -> 
     assert int(summary["maxrss_kib"]) < RSS_LIMIT_KIB
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="check.py keeps one bit per file cluster up to 2**31 clusters: 256 MiB for an "
-    "8 TiB sparse file (reported; fix: bound the bitmap by what tables can reference)",
-)
 def test_check_memory_bounded_on_8tib_sparse_file() -> None:
     """E4: an 8 TiB sparse file with NEED_CHECK set; the open-time check must stay < 256 MiB."""
     summary = run_script("sparse", "--tib", "8")
