@@ -252,6 +252,10 @@ class QedImage:
         self._zero_cluster = bytes(geometry.cluster_size)
         self._closed = False
         self._install_l1(l1, file_size)
+        if self._l1_bad and not read_only:
+            # The file must not grow over what a bad entry points at, or a later open would
+            # read guest data as a table: refuse writes until a repair (decision: failsafe).
+            self.enter_failsafe(f"{len(self._l1_bad)} invalid L1 entries")
 
     # ------------------------------------------------------------------ properties
 
@@ -359,6 +363,8 @@ class QedImage:
             bad = self._validate_l2(entries)
             if bad:
                 log.warning("L2 table at %#x has %d invalid entries", offset, len(bad))
+                if not self.read_only:
+                    self.enter_failsafe(f"L2 table at {offset:#x} has {len(bad)} invalid entries")
             return self._cache.insert(L2Table(offset, entries, bad, is_new=False))
         finally:
             del self._loading[offset]
@@ -797,6 +803,8 @@ class QedImage:
         try:
             if not self.read_only and self.failsafe_reason is None:
                 await self.flush()
+            elif not self.read_only:
+                await self._leave_need_check_set()
         finally:
             self._closed = True
             try:
@@ -804,6 +812,13 @@ class QedImage:
             finally:
                 if self.backing is not None:
                     await self.backing.aclose()
+
+    async def _leave_need_check_set(self) -> None:
+        """Failsafe close: make sure NEED_CHECK is on disk so the next read-write open repairs."""
+        header = self.header.replace(features=self.header.features | fmt.Feature.NEED_CHECK)
+        with trio.CancelScope(shield=True):
+            await self.file.pwrite(0, header.pack())
+            await self.file.fdatasync()
 
     async def aclose(self) -> None:
         await self.close()

@@ -614,8 +614,8 @@ async def _close_image(image: QedImage, *, quiet: bool = False) -> int:
         return EXIT_FAILURE
     if image.failsafe and not image.read_only:
         log.error(
-            "the image was in failsafe mode (%s); it was not flushed and may need "
-            "`qedfuse check -r all`",
+            "the image was in failsafe mode (%s); it was not flushed; NEED_CHECK is set, so "
+            "the next read-write open repairs it (or run `qedfuse check -r all`)",
             image.failsafe_reason,
         )
         return EXIT_FAILURE
