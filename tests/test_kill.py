@@ -62,7 +62,7 @@ FIRST_WRITE_DEADLINE_S = 20.0
 EXT4_KILL_WINDOW_S = (0.3, 2.0)
 WRITER_DEADLINE_S = 30.0  # the writer must fail, not hang, after the daemon is gone
 DAEMON_DEADLINE_S = 20.0
-CI_EXT4_RUNS = 3
+CI_EXT4_RUNS = 5
 SOAK_EXT4_RUNS = 20
 FUSECTL = "/sys/fs/fuse/connections"
 #: What the writer in flight may see: the aborted request, then the dead connection.
