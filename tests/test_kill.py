@@ -297,6 +297,7 @@ def powercut_round(
 
     crashed_need_check = need_check(image)
     cp = qemu_check(image)
+    check_rc = cp.returncode
     # Metadata never reaches the disk before its data: a crash leaves leaks at most (rc 3),
     # and a clear NEED_CHECK means every metadata change was flushed (rc 0).
     assert cp.returncode in ((0, 3) if crashed_need_check else (0,)), describe(cp)
@@ -350,7 +351,7 @@ def powercut_round(
         writer_exit_s,
         daemon_rc,
         crashed_need_check,
-        cp.returncode,
+        check_rc,
         time.monotonic() - t_start,
         first_write,
     )
@@ -455,13 +456,21 @@ def test_connection_abort_leaves_no_dead_mount(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------- B8
 
-#: Creates files and reports each one (name and sha256) once file and directory are fsynced.
+#: Creates files and reports each one (name and sha256) once file and directory are fsynced;
+#: past 48 MiB it deletes the oldest, announcing "rm NAME" before the unlink.
 _EXT4_WRITER = r"""
-import hashlib, os, random, sys
+import collections, hashlib, os, random, sys
 root, seed = sys.argv[1], int(sys.argv[2])
 rng = random.Random(seed)
 dfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+live, total = collections.deque(), 0
 for i in range(100000):
+    while total > 48 << 20:
+        old, size = live.popleft()
+        print("rm", old, flush=True)
+        os.unlink(os.path.join(root, old))
+        os.fsync(dfd)
+        total -= size
     name = f"w{i:05d}.bin"
     data = rng.randbytes(rng.randrange(4096, 1 << 20))
     fd = os.open(os.path.join(root, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -471,6 +480,8 @@ for i in range(100000):
     finally:
         os.close(fd)
     os.fsync(dfd)
+    live.append((name, len(data)))
+    total += len(data)
     print(name, hashlib.sha256(data).hexdigest(), flush=True)
 """
 
@@ -542,8 +553,11 @@ def ext4_round(workdir: Path, rng: random.Random) -> Ext4Run:
                     writer.kill()
                     out, _ = writer.communicate(timeout=WRITER_DEADLINE_S)
                 for line in out.splitlines():
-                    name, digest = line.split()
-                    synced[f"during/{name}"] = digest
+                    first, second = line.split()  # "NAME SHA256" or "rm NAME"
+                    if first == "rm":
+                        del synced[f"during/{second}"]
+                    else:
+                        synced[f"during/{first}"] = second
                 # the loop device (and so ext4) now gets I/O errors: detach lazily
                 check_ok(run([umount_tool, "-l", fs]))
         detach_dead_mount(mnt)
