@@ -438,6 +438,8 @@ class _State:
     signal_name: str | None = None
     interrupted: bool = False
     pending: list[str] = field(default_factory=list)
+    #: major:minor of our FUSE mount at the mount point, read from mountinfo after init.
+    mount_devices: set[str] = field(default_factory=set)
 
 
 class _StartupError(Exception):
@@ -532,6 +534,7 @@ async def _serve_mount(cfg: MountConfig, reporter: _Reporter, state: _State) -> 
             raise _StartupError(
                 f"cannot mount {cfg.mountpoint}: {exc} (libfuse's reason, if any, is above)"
             ) from None
+        state.mount_devices = _mount_devices(cfg.mountpoint)
     except _StartupError:
         await _abandon(image, created_overlay, cfg.image_path)
         raise
@@ -577,6 +580,7 @@ async def _serve_mounted(
                 sdnotify.stopping()
             with contextlib.suppress(Exception):
                 fuse_close(unmount=True)
+            _detach_if_still_mounted(cfg.mountpoint, state.mount_devices)
             if state.served:
                 log.info("unmounted %s; flushing the image", cfg.mountpoint)
     except BaseException as exc:  # start-up or main() failed: still flush the image below
@@ -737,6 +741,41 @@ def _one_line(exc: BaseException) -> str:
     else:
         text = str(exc) or type(exc).__name__
     return " ".join(text.splitlines())
+
+
+def _mountinfo_escape(path: str) -> str:
+    """A path as /proc/self/mountinfo writes it (octal escapes for space, tab, newline, \\)."""
+    return "".join(f"\\{ord(c):03o}" if c in " \t\n\\" else c for c in path)
+
+
+def _mount_devices(mountpoint: str) -> set[str]:
+    """major:minor of every mount stacked at ``mountpoint`` (never stats our own mount)."""
+    wanted = _mountinfo_escape(mountpoint)
+    devices: set[str] = set()
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                fields = line.split(" ", 5)
+                if len(fields) > 4 and fields[4] == wanted:
+                    devices.add(fields[2])
+    except OSError:
+        pass
+    return devices
+
+
+def _detach_if_still_mounted(mountpoint: str, devices: set[str]) -> None:
+    """After an aborted connection libfuse cannot unmount: detach our dead mount ourselves."""
+    if not devices or not devices & _mount_devices(mountpoint):
+        return
+    try:
+        cp = _fusermount(["-u", "-z", mountpoint])
+    except MountError as exc:
+        log.error("%s is still mounted but dead: %s", mountpoint, exc)
+        return
+    if cp.returncode == 0:
+        log.warning("the FUSE connection was aborted; detached the dead mount %s", mountpoint)
+    else:
+        log.error("could not detach the dead mount %s: %s", mountpoint, cp.stderr.strip())
 
 
 # ---------------------------------------------------------------------------- umount

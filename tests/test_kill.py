@@ -432,13 +432,8 @@ def test_connection_abort_during_fio(tmp_path: Path) -> None:
 
 
 def test_connection_abort_leaves_no_dead_mount(tmp_path: Path) -> None:
-    """After an abort the daemon exits 0 and logs "unmounted", but the dead mount stays
-    (libfuse's unmount gives up when /dev/fuse reports POLLERR): every access then fails
-    with ENOTCONN until someone runs ``qedfuse umount``.  FAILS at the time of writing.
-
-    Suggested fix in ``qedfuse/mount.py`` ``_serve_mounted``: after ``fuse_close``, if
-    /proc/self/mountinfo still lists the mount point with the device number the mount had
-    at start and the mount point answers ENOTCONN, detach it (``fusermount3 -uz``).
+    """After an abort libfuse cannot unmount (/dev/fuse reports POLLERR); the daemon must
+    detach its dead mount itself, so nothing is left answering ENOTCONN.
     """
     image = tmp_path / "disk.qed"
     create_image(image, 16 * MiB)
