@@ -26,8 +26,6 @@ from qedfuse.locking import LockMode, lock_image
 
 MAX_CHAIN_DEPTH = 16
 _PROTOCOL_RE = re.compile(rb"^[A-Za-z][A-Za-z0-9+.\-]*:")
-#: Magics of formats we refuse to read as raw backing data.
-_OTHER_MAGICS = {b"QFI\xfb": "qcow2", b"conectix": "vpc", b"vhdxfile": "vhdx", b"KDMV": "vmdk"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,16 +89,23 @@ def _open_fd(path: str, *, read_only: bool, what: str) -> int:
         raise error(f"{what}Could not open '{path}': {exc.strerror}") from exc
 
 
+def _claim(fd: int, path: str, seen: set[tuple[int, int]], lock_mode: LockMode | None) -> None:
+    """Refuse a file already in the chain (a loop), then take its QEMU lock bytes."""
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino) in seen:
+        raise BackingFileError(f"backing chain loops back to '{path}'")
+    seen.add((st.st_dev, st.st_ino))
+    if lock_mode is not None:
+        lock_image(fd, lock_mode, path)
+
+
 async def _detect_format(file: BlockFile) -> str:
-    magic = await file.pread(0, 8)
-    if int.from_bytes(magic[:4], "little") == fmt.QED_MAGIC:
-        return "qed"
-    for prefix, name in _OTHER_MAGICS.items():
-        if magic.startswith(prefix):
-            raise BackingFileError(
-                f"backing file is a {name} image; only raw and QED are supported"
-            )
-    return "raw"
+    detected = fmt.probe_format(await file.pread(0, 8))
+    if detected not in ("qed", "raw"):
+        raise BackingFileError(
+            f"backing file is a {detected} image; only raw and QED are supported"
+        )
+    return detected
 
 
 async def open_path(
@@ -144,12 +149,7 @@ async def _open_qed(
     file = FileImage(fd, read_only=read_only, threaded_io=threaded_io)
     backing: GuestSource | None = None
     try:
-        st = os.fstat(fd)
-        if (st.st_dev, st.st_ino) in seen:
-            raise BackingFileError(f"backing chain loops back to '{path}'")
-        seen.add((st.st_dev, st.st_ino))
-        if lock:
-            lock_image(fd, lock_mode, path)
+        _claim(fd, path, seen, lock_mode if lock else None)
         from qedfuse.engine import read_header
 
         header, _, _ = await read_header(file)
@@ -229,12 +229,7 @@ async def _open_backing(
     fd = _open_fd(path, read_only=True, what="Could not open backing file: ")
     file = FileImage(fd, read_only=True, threaded_io=threaded_io)
     try:
-        st = os.fstat(fd)
-        if (st.st_dev, st.st_ino) in seen:
-            raise BackingFileError(f"backing chain loops back to '{path}'")
-        seen.add((st.st_dev, st.st_ino))
-        if lock:
-            lock_image(fd, LockMode.SHARED, path)
+        _claim(fd, path, seen, LockMode.SHARED if lock else None)
         return RawImage(file, await file.size())
     except BaseException:
         await file.aclose()

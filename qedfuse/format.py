@@ -289,6 +289,25 @@ def check_create_params(image_size: int, cluster_size: int, table_size: int) -> 
     return geometry
 
 
+#: Magics of other image formats, which must never be read as raw guest bytes.
+OTHER_FORMAT_MAGICS: Final = {
+    b"QFI\xfb": "qcow2",
+    b"conectix": "vpc",
+    b"vhdxfile": "vhdx",
+    b"KDMV": "vmdk",
+}
+
+
+def probe_format(first_bytes: bytes) -> str:
+    """``"qed"``, ``"raw"``, or the name of another image format, from a file's first 8 bytes."""
+    if len(first_bytes) >= 4 and int.from_bytes(first_bytes[:4], "little") == QED_MAGIC:
+        return "qed"
+    for prefix, name in OTHER_FORMAT_MAGICS.items():
+        if first_bytes.startswith(prefix):
+            return name
+    return "raw"
+
+
 _BIG_ENDIAN_HOST: Final = sys.byteorder == "big"
 
 

@@ -653,10 +653,6 @@ async def _open_image(cfg: MountConfig) -> QedImage:
     )
 
 
-#: Formats an overlay must not read as raw bytes.
-_OTHER_MAGICS = {b"QFI\xfb": "qcow2", b"conectix": "vpc", b"vhdxfile": "vhdx", b"KDMV": "vmdk"}
-
-
 def overlay_backing_name(new_path: str, base_path: str) -> str:
     """The backing name stored in an overlay: ``base_path`` relative to the overlay's directory."""
     name = os.path.relpath(base_path, os.path.dirname(new_path))
@@ -676,18 +672,17 @@ async def _create_overlay(new_path: str, base_path: str) -> None:
     except OSError as exc:
         raise _StartupError(f"Could not open '{base_path}': {exc.strerror}") from None
     try:
-        magic = await base.pread(0, 8)
-        if int.from_bytes(magic[:4], "little") == fmt.QED_MAGIC:
+        detected = fmt.probe_format(await base.pread(0, 8))
+        if detected == "qed":
             header, _, _ = await read_header(base)
             size, raw = header.image_size, False
-        else:
-            for prefix, name in _OTHER_MAGICS.items():
-                if magic.startswith(prefix):
-                    raise _StartupError(
-                        f"{base_path} is a {name} image; an overlay base must be raw or QED"
-                    )
+        elif detected == "raw":
             size = -(-(await base.size()) // fmt.SECTOR_SIZE) * fmt.SECTOR_SIZE
             raw = True
+        else:
+            raise _StartupError(
+                f"{base_path} is a {detected} image; an overlay base must be raw or QED"
+            )
     finally:
         await base.aclose()
     if size == 0:

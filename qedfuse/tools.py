@@ -202,15 +202,6 @@ async def _open_raw(path: str, *, lock_mode: LockMode) -> RawImage:
         raise
 
 
-#: Magics of formats that must not be read as raw data.
-_OTHER_MAGICS: Final = {
-    b"QFI\xfb": "qcow2",
-    b"conectix": "vpc",
-    b"vhdxfile": "vhdx",
-    b"KDMV": "vmdk",
-}
-
-
 async def detect_format(path: str) -> str:
     """``qed`` or ``raw`` from the first bytes of ``path``; other image formats are refused."""
     _check_path(path, writable=False)
@@ -222,15 +213,13 @@ async def detect_format(path: str) -> str:
         magic = await probe.pread(0, 8)
     finally:
         await probe.aclose()
-    if len(magic) >= 4 and int.from_bytes(magic[:4], "little") == fmt.QED_MAGIC:
-        return "qed"
-    for prefix, name in _OTHER_MAGICS.items():
-        if magic.startswith(prefix):
-            raise CliError(
-                f"'{path}' is a {name} image; only raw and qed are supported (convert it with "
-                f"qemu-img first, or pass -f raw to read it as raw bytes)"
-            )
-    return "raw"
+    detected = fmt.probe_format(magic)
+    if detected not in ("qed", "raw"):
+        raise CliError(
+            f"'{path}' is a {detected} image; only raw and qed are supported (convert it with "
+            f"qemu-img first, or pass -f raw to read it as raw bytes)"
+        )
+    return detected
 
 
 async def _chain_layers(top: QedImage, top_name: str) -> list[tuple[GuestSource, str]]:
