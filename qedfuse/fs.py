@@ -21,8 +21,9 @@ byte goes through the engine.
 * ``fsync`` and ``flush`` (sent by every close of a descriptor opened for writing) run the
   engine's ordered flush and reply only once it is durable; after a failure that put the
   engine in failsafe they fail with EIO (the data may not be durable).
-* The mount root carries the xattrs ``user.qedfuse.pid`` (the daemon's pid, which
-  ``qedfuse umount --wait`` waits for) and ``user.qedfuse.image`` (the image path).
+* No xattrs: getxattr answers ENOSYS, which the kernel remembers, so writes are not each
+  preceded by a ``security.capability`` lookup.  (``qedfuse umount --wait`` finds the
+  daemon through a registry file, see :func:`qedfuse.mount.find_daemon`.)
 
 Errors cross into the kernel at one place, :func:`guard`: ``FUSEError`` passes, a
 :class:`QedError` becomes its errno (a :class:`CorruptionError` also puts the engine in
@@ -68,8 +69,6 @@ log = logging.getLogger(__name__)
 
 ROOT_INODE = InodeT(pyfuse3.ROOT_INODE)
 FILE_INODE = InodeT(2)
-PID_XATTR = b"user.qedfuse.pid"
-IMAGE_XATTR = b"user.qedfuse.image"
 #: Seconds the kernel may cache attributes and names.  Nothing but this daemon changes the
 #: image while it is mounted (QEMU's locks), and every size change goes through setattr.
 ATTR_TIMEOUT = 1.0
@@ -136,7 +135,6 @@ class QedFS(pyfuse3.Operations):
         self.image_path = image_path
         self.read_only = read_only or image.read_only
         self.cache = cache
-        self.pid = os.getpid()
         uid = os.getuid() if uid is None else uid
         gid = os.getgid() if gid is None else gid
         no_write = 0o222 if self.read_only else 0
@@ -423,18 +421,13 @@ class QedFS(pyfuse3.Operations):
 
     @guard
     async def getxattr(self, inode: InodeT, name: XAttrNameT, ctx: RequestContext) -> bytes:
-        if inode == ROOT_INODE:
-            if name == PID_XATTR:
-                return str(self.pid).encode()
-            if name == IMAGE_XATTR:
-                return os.fsencode(self.image_path)
-        raise FUSEError(pyfuse3.ENOATTR)
+        """No xattrs, and ENOSYS (not ENODATA) so the kernel stops asking: otherwise it sends
+        a GETXATTR security.capability before every WRITE (measured: 4 KiB O_DIRECT writes
+        went from ~8.5k to ~13k IOPS)."""
+        raise FUSEError(errno.ENOSYS)
 
-    @guard
     async def listxattr(self, inode: InodeT, ctx: RequestContext) -> Sequence[XAttrNameT]:
-        if inode == ROOT_INODE:
-            return [XAttrNameT(PID_XATTR), XAttrNameT(IMAGE_XATTR)]
-        return []
+        raise FUSEError(errno.ENOSYS)
 
 
 # ---------------------------------------------------------------------------- session
@@ -477,8 +470,6 @@ def raw_file_name(image_path: str) -> str:
 
 __all__ = [
     "FILE_INODE",
-    "IMAGE_XATTR",
-    "PID_XATTR",
     "ROOT_INODE",
     "QedFS",
     "fuse_close",

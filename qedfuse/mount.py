@@ -38,11 +38,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import glob
+import json
 import logging
 import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -66,8 +69,6 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 #: How long ``umount --wait`` waits for the daemon by default (a large flush takes a while).
 DEFAULT_UMOUNT_TIMEOUT = 120.0
-_PID_XATTR = "user.qedfuse.pid"
-_IMAGE_XATTR = "user.qedfuse.image"
 _FSTYPE = "fuse.qedfuse"
 _FD_MOUNTPOINT = re.compile(r"/dev/fd/[0-9]+")
 
@@ -177,6 +178,7 @@ class MountEntry:
     mountpoint: str
     fstype: str
     source: str
+    device: str  # major:minor
 
 
 def _unescape(field_text: str) -> str:
@@ -193,22 +195,47 @@ def _unescape(field_text: str) -> str:
     return "".join(out)
 
 
-def mount_entry(path: str) -> MountEntry | None:
-    """The topmost mount at ``path`` (absolute), or None."""
-    found: MountEntry | None = None
+def mount_entries() -> list[MountEntry]:
+    """Every mount in our namespace, in mountinfo order (later ones stack on earlier)."""
+    entries: list[MountEntry] = []
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
             for line in f:
                 left, _, right = line.partition(" - ")
                 fields = left.split()
                 rest = right.split()
-                if len(fields) < 5 or len(rest) < 2:
-                    continue
-                if _unescape(fields[4]) == path:
-                    found = MountEntry(path, rest[0], _unescape(rest[1]))
+                if len(fields) >= 5 and len(rest) >= 2:
+                    entries.append(
+                        MountEntry(_unescape(fields[4]), rest[0], _unescape(rest[1]), fields[2])
+                    )
     except OSError:
+        pass
+    return entries
+
+
+def mount_entry(path: str) -> MountEntry | None:
+    """The topmost mount at ``path`` (absolute), or None."""
+    found = [entry for entry in mount_entries() if entry.mountpoint == path]
+    return found[-1] if found else None
+
+
+def _own_mount(cfg: MountConfig) -> MountEntry | None:
+    """Our FUSE mount, read after init (never by stat'ing it: nobody serves it yet)."""
+    entry = mount_entry(cfg.mountpoint)
+    if entry is not None:
+        return entry if entry.fstype == _FSTYPE else None
+    if not cfg.mountpoint.startswith("/dev/fd/"):
         return None
-    return found
+    # mount.fuse3 -o drop_privileges made the mount (source "qedfuse") and handed us its
+    # /dev/fuse descriptor: ours is the one such mount no live daemon has registered.
+    candidates = [
+        e
+        for e in mount_entries()
+        if e.fstype == _FSTYPE
+        and e.source in (cfg.image_path, _FSTYPE.removeprefix("fuse."))
+        and find_daemon(e.mountpoint) is None
+    ]
+    return candidates[0] if len(candidates) == 1 else None
 
 
 def _check_mountpoint(mountpoint: str) -> None:
@@ -438,8 +465,9 @@ class _State:
     signal_name: str | None = None
     interrupted: bool = False
     pending: list[str] = field(default_factory=list)
-    #: major:minor of our FUSE mount at the mount point, read from mountinfo after init.
-    mount_devices: set[str] = field(default_factory=set)
+    #: major:minor of our FUSE mount (from mountinfo after init: never stat our own mount).
+    mount_device: str | None = None
+    registry_path: str | None = None
 
 
 class _StartupError(Exception):
@@ -534,7 +562,10 @@ async def _serve_mount(cfg: MountConfig, reporter: _Reporter, state: _State) -> 
             raise _StartupError(
                 f"cannot mount {cfg.mountpoint}: {exc} (libfuse's reason, if any, is above)"
             ) from None
-        state.mount_devices = _mount_devices(cfg.mountpoint)
+        entry = _own_mount(cfg)
+        if entry is not None:
+            state.mount_device = entry.device
+            state.registry_path = _register(entry.device, entry.mountpoint, cfg.image_path)
     except _StartupError:
         await _abandon(image, created_overlay, cfg.image_path)
         raise
@@ -580,7 +611,8 @@ async def _serve_mounted(
                 sdnotify.stopping()
             with contextlib.suppress(Exception):
                 fuse_close(unmount=True)
-            _detach_if_still_mounted(cfg.mountpoint, state.mount_devices)
+            _detach_if_still_mounted(cfg.mountpoint, state.mount_device)
+            _unregister(state.registry_path)
             if state.served:
                 log.info("unmounted %s; flushing the image", cfg.mountpoint)
     except BaseException as exc:  # start-up or main() failed: still flush the image below
@@ -738,29 +770,10 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(text.splitlines())
 
 
-def _mountinfo_escape(path: str) -> str:
-    """A path as /proc/self/mountinfo writes it (octal escapes for space, tab, newline, \\)."""
-    return "".join(f"\\{ord(c):03o}" if c in " \t\n\\" else c for c in path)
-
-
-def _mount_devices(mountpoint: str) -> set[str]:
-    """major:minor of every mount stacked at ``mountpoint`` (never stats our own mount)."""
-    wanted = _mountinfo_escape(mountpoint)
-    devices: set[str] = set()
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-            for line in f:
-                fields = line.split(" ", 5)
-                if len(fields) > 4 and fields[4] == wanted:
-                    devices.add(fields[2])
-    except OSError:
-        pass
-    return devices
-
-
-def _detach_if_still_mounted(mountpoint: str, devices: set[str]) -> None:
+def _detach_if_still_mounted(mountpoint: str, device: str | None) -> None:
     """After an aborted connection libfuse cannot unmount: detach our dead mount ourselves."""
-    if not devices or not devices & _mount_devices(mountpoint):
+    entry = mount_entry(mountpoint)
+    if device is None or entry is None or entry.device != device:
         return
     try:
         cp = _fusermount(["-u", "-z", mountpoint])
@@ -771,6 +784,92 @@ def _detach_if_still_mounted(mountpoint: str, devices: set[str]) -> None:
         log.warning("the FUSE connection was aborted; detached the dead mount %s", mountpoint)
     else:
         log.error("could not detach the dead mount %s: %s", mountpoint, cp.stderr.strip())
+
+
+# ---------------------------------------------------------------------------- registry
+# The daemon's pid is published in a small file keyed by the mount's device number, not as an
+# xattr: answering getxattr at all makes the kernel ask for security.capability before every
+# WRITE (one extra round trip per write); replying ENOSYS once turns that off.
+
+
+def _registry_dirs() -> list[str]:
+    """Where registry files live: ours first, then others root may need to look at."""
+    if os.geteuid() == 0:
+        dirs = ["/run/qedfuse"]
+        dirs += sorted(glob.glob("/run/user/*/qedfuse")) + sorted(glob.glob("/tmp/qedfuse-*"))
+        return dirs
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    own = os.path.join(runtime, "qedfuse") if runtime else f"/tmp/qedfuse-{os.getuid()}"
+    return [own, "/run/qedfuse"]
+
+
+def _registry_file(directory: str, device: str) -> str:
+    return os.path.join(directory, f"mount-{device.replace(':', '-')}.json")
+
+
+def _register(device: str, mountpoint: str, image: str) -> str | None:
+    """Record this daemon (pid, start time, mountpoint, image) for ``qedfuse umount``."""
+    directory = _registry_dirs()[0]
+    record = {
+        "pid": os.getpid(),
+        "start": _proc_start_time(os.getpid()),
+        "mountpoint": mountpoint,
+        "image": image,
+    }
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        st = os.lstat(directory)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+            raise OSError(errno.EPERM, f"{directory} is not a directory owned by us")
+        _prune_registry(directory)
+        path = _registry_file(directory, device)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(record, f)
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("cannot record the daemon for `qedfuse umount --wait`: %s", exc)
+        return None
+    return path
+
+
+def _read_record(path: str) -> tuple[int, dict[str, object]] | None:
+    """(pid, record) of a registry file whose daemon is still alive, else None."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+        pid = int(record["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    start = _proc_start_time(pid)
+    return (pid, record) if start is not None and start == record.get("start") else None
+
+
+def _prune_registry(directory: str) -> None:
+    """Drop records of daemons that died without cleaning up (SIGKILL)."""
+    for path in glob.glob(os.path.join(directory, "mount-*.json")):
+        if _read_record(path) is None:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+
+def _unregister(path: str | None) -> None:
+    if path is not None:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def find_daemon(mountpoint: str) -> tuple[int, str] | None:
+    """(pid, image) of the live daemon serving ``mountpoint``, or None."""
+    mountpoint = os.path.abspath(mountpoint)
+    entry = mount_entry(mountpoint)
+    if entry is None or entry.fstype != _FSTYPE:
+        return None
+    for directory in _registry_dirs():
+        found = _read_record(_registry_file(directory, entry.device))
+        if found is not None and found[1].get("mountpoint") == mountpoint:
+            return found[0], str(found[1].get("image", entry.source))
+    return None
 
 
 # ---------------------------------------------------------------------------- umount
@@ -871,8 +970,10 @@ def _umount(ns: argparse.Namespace) -> int:
     pid: int | None = None
     image: str | None = None
     try:
-        pid = int(os.getxattr(mountpoint, _PID_XATTR))
-        image = os.fsdecode(os.getxattr(mountpoint, _IMAGE_XATTR))
+        os.listdir(mountpoint)  # is the daemon alive? (stat could answer from the cache)
+        found = find_daemon(mountpoint)
+        if found is not None:
+            pid, image = found
     except OSError as exc:
         if exc.errno in (errno.ENOTCONN, errno.ECONNABORTED):
             cp = _fusermount(["-uz", mountpoint])
@@ -887,9 +988,7 @@ def _umount(ns: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return EXIT_OK
-        log.debug("no pid xattr on %s: %s", mountpoint, exc)
-    except ValueError:
-        pass
+        log.debug("cannot list %s: %s", mountpoint, exc)
     start_time = _proc_start_time(pid) if pid is not None else None
     cp = _fusermount(["-uz" if ns.lazy else "-u", mountpoint])
     if cp.returncode != 0:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qedfuse.mount import find_daemon
 from support import describe, require_fuse, require_tool, run
 
 QEDFUSE = str(Path(sys.executable).with_name("qedfuse"))
@@ -59,7 +60,10 @@ def mounts_snapshot(under: str | os.PathLike[str]) -> list[str]:
 
 
 def daemon_pid(mnt: str | os.PathLike[str]) -> int:
-    return int(os.getxattr(os.fspath(mnt), "user.qedfuse.pid"))
+    """The serving daemon's pid, from the registry ``qedfuse umount`` uses."""
+    found = find_daemon(os.fspath(mnt))
+    assert found is not None, f"no live qedfuse daemon registered for {mnt}"
+    return found[0]
 
 
 def pid_alive(pid: int) -> bool:

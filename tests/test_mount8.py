@@ -26,11 +26,11 @@ from pathlib import Path
 import pytest
 
 from qedfuse.format import Header
+from qedfuse.mount import find_daemon
 from support import check_ok, describe, require_fuse, require_tool, run
 
 INSTALLED_QEDFUSE = Path("/usr/local/bin/qedfuse")
 VENV_QEDFUSE = Path(sys.executable).with_name("qedfuse")
-PID_XATTR = "user.qedfuse.pid"
 MOUNT_TIMEOUT_S = 30
 EXIT_TIMEOUT_S = 30
 
@@ -147,11 +147,10 @@ def _proc_scan(mnt: Path) -> list[int]:
 
 
 def daemon_pid(mnt: Path) -> int | None:
-    """The serving daemon's PID: the ``user.qedfuse.pid`` xattr, else a /proc scan."""
-    try:
-        return int(os.getxattr(mnt, PID_XATTR))
-    except (OSError, ValueError):
-        pass
+    """The serving daemon's PID: the registry ``qedfuse umount`` uses, else a /proc scan."""
+    found = find_daemon(str(mnt))
+    if found is not None:
+        return found[0]
     pids = _proc_scan(mnt)
     return pids[0] if len(pids) == 1 else None
 
@@ -367,7 +366,9 @@ def test_mount8_awkward_paths(tmp_path: Path, installed_qedfuse: Path) -> None:
     )
     try:
         _, pid = mounted(img, cp)
-        assert os.fsdecode(os.getxattr(mnt, "user.qedfuse.image")) == str(path)
+        found = find_daemon(str(mnt))
+        assert found is not None
+        assert found[1] == str(path)
         unmount_and_wait(img, pid)
     finally:
         if mount_entry(mnt) is not None:
