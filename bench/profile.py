@@ -40,10 +40,33 @@ def _frame_name(frame: str) -> str:
     return f"{os.path.basename(path)}:{name}" if path else name
 
 
+#: Leaf-frame buckets: (label, predicate on "file.py:function").
+BUCKETS: list[tuple[str, tuple[str, ...]]] = [
+    ("epoll wait (idle)", ("_io_epoll.py:EpollIOManager.get_events", "_epoll_wait")),
+    ("pyfuse3 C loop: read /dev/fuse, dispatch, reply", ("_pyfuse3.py:",)),
+    ("pread/pwrite syscalls", ("imagefile.py:FileImage._pread_sync",
+                               "imagefile.py:FileImage._pwrite_sync")),
+    ("worker threads (fdatasync, thread hops)", ("_threads.py:", "_thread_cache.py:",
+                                                 "_wakeup_socketpair.py:")),
+    ("qedfuse Python (engine, fs, format)", ("engine.py:", "fs.py:", "format.py:",
+                                            "imagefile.py:", "options.py:")),
+    ("trio scheduler", ("_run.py:", "_parking_lot.py:", "_sync.py:", "_traps.py:",
+                        "_impl.py:", "_ki.py:", "<attrs generated", "_io_epoll.py:")),
+]  # fmt: skip
+
+
+def bucket_of(frame: str) -> str:
+    for label, prefixes in BUCKETS:
+        if any(p in frame for p in prefixes):
+            return label
+    return "other"
+
+
 def summarize(collapsed: Path, wall_s: float, rate_hz: int, top: int = 14) -> str:
     """Busy share and top self/inclusive functions from py-spy's raw (collapsed) output."""
     self_n: collections.Counter[str] = collections.Counter()
     incl_n: collections.Counter[str] = collections.Counter()
+    buckets: collections.Counter[str] = collections.Counter()
     total = 0
     for line in collapsed.read_text().splitlines():
         stack, _, count_text = line.rpartition(" ")
@@ -57,12 +80,15 @@ def summarize(collapsed: Path, wall_s: float, rate_hz: int, top: int = 14) -> st
             continue
         total += n
         self_n[frames[-1]] += n
+        buckets[bucket_of(frames[-1])] += n
         for f in set(frames):
             incl_n[f] += n
     if not total:
         return "no samples (daemon idle?)"
     busy = total / (rate_hz * wall_s) if wall_s else 0.0
     out = [f"samples {total} over {wall_s:.1f} s at {rate_hz} Hz: daemon busy {busy:.0%}"]
+    out.append("  buckets (leaf frame):")
+    out += [f"    {n / total:6.1%}  {b}" for b, n in buckets.most_common()]
     out.append("  self:")
     out += [f"    {n / total:6.1%}  {f}" for f, n in self_n.most_common(top)]
     out.append("  inclusive:")
