@@ -190,7 +190,7 @@ class FioResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _load_fio_json(text: str) -> dict[str, Any]:
+def load_fio_json(text: str) -> dict[str, Any]:
     start = text.find("{")
     if start < 0:
         raise ValueError("no JSON in fio output")
@@ -199,7 +199,7 @@ def _load_fio_json(text: str) -> dict[str, Any]:
 
 
 def parse_fio(job: Job, text: str) -> FioResult:
-    data = _load_fio_json(text)
+    data = load_fio_json(text)
     j = data["jobs"][0]
     sec = j[job.ddir]
     pct = sec.get("clat_ns", {}).get("percentile", {})

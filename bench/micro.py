@@ -110,6 +110,7 @@ async def _cold(fd: int, mode: str) -> float:
     offsets = _offsets(4096, N_COLD, seed=7)
     per_task = len(offsets) // N_TASKS
     limiter = trio.CapacityLimiter(16)
+    os.fdatasync(fd)  # DONTNEED keeps dirty pages, and the pwrite timings dirtied them
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no readahead: every miss is a miss
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
