@@ -128,6 +128,15 @@ def markdown(results: dict[str, Any]) -> str:
     for k, v in meta["versions"].items():
         L.append(f"| {k} | {v} |")
     L.append("")
+    hashes = meta.get("qedfuse_source_hashes", [])
+    rev_end = meta.get("qedfuse_rev_end")
+    if len(hashes) > 1 or (rev_end and rev_end != meta["versions"].get("qedfuse git rev")):
+        L.append(
+            f"**⚠ qedfuse changed during this run** (rev {meta['versions'].get('qedfuse git rev')}"
+            f" at the start, {rev_end} at the end; {len(hashes)} different qedfuse/ sources "
+            "were mounted): rounds are not comparable with each other. Re-run `make bench`."
+        )
+        L.append("")
     if results.get("errors"):
         L.append("## ⚠ Errors")
         L.append("")

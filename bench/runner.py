@@ -158,6 +158,11 @@ def run_target(
 ) -> None:
     """One fresh image, the whole job set, the check; appends to ``results``."""
     tag = f"[{fs} r{rnd + 1}] {target.key:7s}"
+    if target.key == "qedfuse":
+        results["meta"].setdefault("qedfuse_source_hashes", [])
+        src = system.qedfuse_source_hash()
+        if src not in results["meta"]["qedfuse_source_hashes"]:
+            results["meta"]["qedfuse_source_hashes"].append(src)
     with target.session(workdir, sizes.image_size) as s:
         for job in jobs:
             rec: dict[str, Any] = {"fs": fs, "round": rnd, "target": target.key, "job": job.name}
@@ -322,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         log("bench: interrupted; writing partial results")
     results["meta"]["duration_s"] = time.monotonic() - started
     results["meta"]["loadavg_end"] = system.loadavg()
+    results["meta"]["qedfuse_rev_end"] = system.qedfuse_rev()
     paths = write_outputs(
         results, ns.out, chart=not ns.no_chart, install=not ns.no_install, log=log
     )

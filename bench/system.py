@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import os
 import platform
 import resource
@@ -90,6 +91,15 @@ def versions() -> dict[str, str]:
     out["libfuse3"] = run_text(["pkg-config", "--modversion", "fuse3"]) or "?"
     out["qedfuse git rev"] = qedfuse_rev()
     return out
+
+
+def qedfuse_source_hash() -> str:
+    """Short hash of qedfuse/*.py as they are now: a mount imports the working tree, so this
+    tells whether the code changed between mounts during one run."""
+    h = hashlib.sha1()
+    for path in sorted((REPO_ROOT / "qedfuse").glob("*.py")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:10]
 
 
 def qedfuse_rev() -> str:
