@@ -66,6 +66,8 @@ from array import array
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
+import trio
+
 from qedfuse import format as fmt
 from qedfuse.engine import read_header
 from qedfuse.errors import QedError, ReadOnlyError
@@ -402,6 +404,7 @@ class _Pass:
     async def _check_l2(self, l1_index: int, table_offset: int, *, repair: bool) -> None:
         geo = self.geo
         cs = self.cs
+        await trio.lowlevel.checkpoint()  # inline preads do not yield: let signals in
         try:
             raw = await self.file.pread(table_offset, geo.table_bytes)
         except OSError as exc:

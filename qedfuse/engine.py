@@ -291,6 +291,7 @@ class QedImage:
         geo = self.geometry
         self._l1 = l1
         self._l1_dirty_pages: set[int] = set()
+        self._validated_l2: set[int] = set()  # L2 table offsets known valid (see _load_l2)
         self._alloc_end = geo.round_down(file_size)
         l1_start = self.header.l1_table_offset
         l1_end = l1_start + geo.table_bytes
@@ -360,7 +361,12 @@ class QedImage:
         try:
             raw = await self.file.pread(offset, self.geometry.table_bytes)
             entries = fmt.decode_table(raw)
-            bad = self._validate_l2(entries)
+            # Validity only grows while the image is open (the file end only moves out, new
+            # metadata is allocated past it), and an evicted table is clean: a table validated
+            # once need not be validated again when it is reloaded.
+            bad = set() if offset in self._validated_l2 else self._validate_l2(entries)
+            if not bad:
+                self._validated_l2.add(offset)
             if bad:
                 log.warning("L2 table at %#x has %d invalid entries", offset, len(bad))
                 if not self.read_only:
@@ -587,12 +593,16 @@ class QedImage:
         run_end = run_start + n_clusters * cs
         lo = max(pos, run_start)
         hi = min(pos + len(chunk), run_end)
-        buf = bytearray(n_clusters * cs)
-        if lo > run_start:
-            buf[: lo - run_start] = await self._fill(run_start, lo - run_start, old_kind)
-        buf[lo - run_start : hi - run_start] = chunk[lo - pos : hi - pos]
-        if hi < run_end:
-            buf[hi - run_start :] = await self._fill(hi, run_end - hi, old_kind)
+        buf: bytearray | memoryview
+        if lo == run_start and hi == run_end:
+            buf = chunk[lo - pos : hi - pos]  # whole clusters: no bounce buffer, no copy
+        else:
+            buf = bytearray(n_clusters * cs)
+            if lo > run_start:
+                buf[: lo - run_start] = await self._fill(run_start, lo - run_start, old_kind)
+            buf[lo - run_start : hi - run_start] = chunk[lo - pos : hi - pos]
+            if hi < run_end:
+                buf[hi - run_start :] = await self._fill(hi, run_end - hi, old_kind)
         # Before the file grows: a clear NEED_CHECK on disk then also means "no leaks".
         await self._mark_need_check()
         host = self._allocate(n_clusters)
@@ -625,6 +635,7 @@ class QedImage:
             offset = self._allocate(geo.table_size)
             table = L2Table(offset, array("Q", bytes(geo.table_bytes)), set(), is_new=True)
             self._add_meta_table(offset)
+            self._validated_l2.add(offset)
             self._cache.insert(table)
             self._l1[l1_index] = offset
             self._l1_dirty_pages.add(l1_index // PAGE_ENTRIES)

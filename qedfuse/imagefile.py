@@ -98,7 +98,8 @@ class FileImage:
             return await trio.to_thread.run_sync(
                 self._pread_sync, offset, size, limiter=self._limiter
             )
-        await trio.lowlevel.checkpoint()
+        # Cancellable, but no scheduler pass: ~0.2 µs instead of ~5 µs per call (bench/).
+        await trio.lowlevel.checkpoint_if_cancelled()
         return self._pread_sync(offset, size)
 
     async def pwrite(self, offset: int, data: Buffer) -> None:
@@ -107,7 +108,7 @@ class FileImage:
         if self._threaded_io:
             await trio.to_thread.run_sync(self._pwrite_sync, offset, data, limiter=self._limiter)
             return
-        await trio.lowlevel.checkpoint()
+        await trio.lowlevel.checkpoint_if_cancelled()
         self._pwrite_sync(offset, data)
 
     async def fdatasync(self) -> None:

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import TYPE_CHECKING, Final
 
+import trio
+
 from qedfuse import format as fmt
 from qedfuse.backing import RawImage, backing_chain, open_path, resolve_backing_name
 from qedfuse.engine import (
@@ -736,6 +738,7 @@ async def _copy_nonzero(
             while pos < run_end:
                 # Chunks aligned to CHUNK_SIZE, so a QED destination gets whole clusters.
                 chunk_end = min(run_end, (pos // CHUNK_SIZE + 1) * CHUNK_SIZE)
+                await trio.lowlevel.checkpoint()  # inline I/O does not yield by itself
                 data = await source.read_padded(pos, chunk_end - pos)
                 for offset, length in _nonzero_blocks(data, block_size):
                     await write(pos + offset, data[offset : offset + length])
