@@ -154,26 +154,20 @@ async def _open_qed(
 
         header, _, _ = await read_header(file)
         name = await read_backing_name(file, header)
+        target: tuple[str, str | None] | None = None
         if policy.override is not None and depth == 0:
-            backing = await _open_backing(
-                _absolute(policy.override),
-                policy.override_format,
-                options=options,
-                policy=policy,
-                lock=lock,
-                threaded_io=threaded_io,
-                seen=seen,
-                depth=depth + 1,
-            )
+            target = _absolute(policy.override), policy.override_format
         elif name:
             if not policy.allow:
                 raise BackingFileError(
                     f"image names a backing file ({name[:60].decode('utf-8', 'replace')!r}) "
                     "and backing files are refused (untrusted)"
                 )
+            raw = "raw" if header.backing_is_raw else policy.override_format
+            target = resolve_backing_name(name, path), raw
+        if target is not None:
             backing = await _open_backing(
-                resolve_backing_name(name, path),
-                "raw" if header.backing_is_raw else policy.override_format,
+                *target,
                 options=options,
                 policy=policy,
                 lock=lock,
