@@ -18,7 +18,13 @@ from typing import Any
 
 from bench import targets as targets_mod
 from bench.jobs import GiB, load_fio_json
-from bench.system import free_bytes, pid_alive, reset_peak_rss, status_kib
+from bench.system import (
+    free_bytes,
+    pid_alive,
+    qedfuse_source_hash,
+    reset_peak_rss,
+    status_kib,
+)
 from bench.targets import (
     CLUSTER_SIZE,
     BenchError,
@@ -90,7 +96,7 @@ def run_one(
     if free_bytes(workdir) < need:
         raise BenchError(f"memory run needs {need / GiB:.1f} GiB free in {workdir}")
     qemu_img_create(image, virtual_size)
-    result: dict[str, Any] = {"target": kind}
+    result: dict[str, Any] = {"target": kind, "qedfuse_source": qedfuse_source_hash()}
     try:
         with _mount(kind, image, workdir, opts) as s:
             assert s.pid is not None

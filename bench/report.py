@@ -129,12 +129,12 @@ def markdown(results: dict[str, Any]) -> str:
         L.append(f"| {k} | {v} |")
     L.append("")
     hashes = meta.get("qedfuse_source_hashes", [])
-    rev_end = meta.get("qedfuse_rev_end")
-    if len(hashes) > 1 or (rev_end and rev_end != meta["versions"].get("qedfuse git rev")):
+    if len(hashes) > 1:
         L.append(
-            f"**⚠ qedfuse changed during this run** (rev {meta['versions'].get('qedfuse git rev')}"
-            f" at the start, {rev_end} at the end; {len(hashes)} different qedfuse/ sources "
-            "were mounted): rounds are not comparable with each other. Re-run `make bench`."
+            f"**⚠ qedfuse/ changed during this run** ({len(hashes)} different sources were "
+            f"mounted; rev {meta['versions'].get('qedfuse git rev')} at the start, "
+            f"{meta.get('qedfuse_rev_end')} at the end): rounds are not comparable with each "
+            "other. Re-run `make bench`."
         )
         L.append("")
     if results.get("errors"):
