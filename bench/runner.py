@@ -360,12 +360,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     for p in paths:
         log(f"wrote {p}")
+    if interrupted:
+        return 130
     if results["errors"]:
         log(f"bench: {len(results['errors'])} error(s):")
         for e in results["errors"]:
             log(f"  {e}")
         return 1
-    return 130 if interrupted else 0
+    return 0
 
 
 def dump_json(results: dict[str, Any], path: Path) -> None:
