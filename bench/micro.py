@@ -4,8 +4,9 @@ Backs qedfuse's default in ``qedfuse/imagefile.py`` (inline pread/pwrite; fdatas
 ftruncate in worker threads) with numbers from the machine the bench runs on.
 
 * per-call latency (median, p99) of 4 KiB and 64 KiB pread/pwrite on a page-cached 16 MiB
-  file: bare inline call, inline after ``trio.lowlevel.checkpoint()`` (what FileImage does),
-  and ``trio.to_thread.run_sync`` with a ``CapacityLimiter(16)``;
+  file: bare inline call, inline after ``trio.lowlevel.checkpoint_if_cancelled()`` (what
+  FileImage does since 3a70572), after a full ``trio.lowlevel.checkpoint()`` (before), and
+  ``trio.to_thread.run_sync`` with a ``CapacityLimiter(16)``;
 * throughput of 16 concurrent trio tasks doing the same reads inline vs in threads (a FUSE
   daemon's handlers overlap like this);
 * ``os.fdatasync`` after a 64 KiB ``pwrite`` (median and worst), which is why syncs go to a
@@ -72,6 +73,9 @@ async def _latency(fd: int, op: str, size: int, mode: str) -> dict[str, float]:
             call(off)
         elif mode == "inline+checkpoint":
             await trio.lowlevel.checkpoint()
+            call(off)
+        elif mode == "inline+checkpoint_if_cancelled":
+            await trio.lowlevel.checkpoint_if_cancelled()
             call(off)
         else:
             await trio.to_thread.run_sync(call, off, limiter=limiter)
@@ -154,7 +158,7 @@ async def _run_all(fd: int) -> dict[str, Any]:
         for size in (4096, 65536):
             # warm the page cache and the thread cache before timing
             await _latency(fd, op, size, "thread")
-            for mode in ("inline", "inline+checkpoint", "thread"):
+            for mode in ("inline", "inline+checkpoint_if_cancelled", "inline+checkpoint", "thread"):
                 latency[f"{op} {size // 1024} KiB {mode}"] = await _latency(fd, op, size, mode)
     concurrent = {}
     for size in (4096, 65536):

@@ -479,8 +479,8 @@ def draw_chart(results: dict[str, Any], path: Path, mpl: Any) -> bool:
                 capsize=2,
                 error_kw={"elinewidth": 0.8},
             )
-            for y, x, text in zip(ys, xs, labels, strict=True):
-                ax.text(x * 1.05, y, text, va="center", fontsize=7)
+            for y, x, up, text in zip(ys, xs, hi, labels, strict=True):
+                ax.text((x + up) * 1.08, y, text, va="center", fontsize=7)
         ax.set_xscale("log")
         ax.set_xlabel("median ÷ raw file (log scale; bars: min-max over rounds)")
         ax.set_title(f"{fs} ({results['filesystems'][fs]['type']})")

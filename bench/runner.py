@@ -104,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-micro", action="store_true", help="skip the pread/thread micro-bench")
     p.add_argument("--no-chart", action="store_true", help="do not draw latest.png")
     p.add_argument(
+        "--render",
+        type=Path,
+        metavar="JSON",
+        help="only re-render latest.md/png from a saved latest.json into --out",
+    )
+    p.add_argument(
         "--no-install", action="store_true", help="never pip-install matplotlib for the chart"
     )
     return p
@@ -301,6 +307,13 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
+    if ns.render:
+        from bench.report import write_outputs
+
+        saved = json.loads(ns.render.read_text())
+        for p in write_outputs(saved, ns.out, chart=not ns.no_chart, install=not ns.no_install):
+            log(f"wrote {p}")
+        return 0
     if os.geteuid() != 0 and "tmpfs" in ns.fs and not ns.memory_only:
         log("bench: mounting a tmpfs needs root; use --fs disk")
         return 2
