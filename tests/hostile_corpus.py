@@ -39,6 +39,7 @@ if __name__ == "__main__":  # run as a script: make `qedfuse` and the test helpe
     sys.path[:0] = [os.path.dirname(_HERE), _HERE]
 
 import trio
+from qededit import HEADER_FIELDS
 
 from qedfuse import engine
 from qedfuse import format as fmt
@@ -60,20 +61,6 @@ UINT64_V = [*UINT32_V, U64 // 4, U64 // 2 - 1, U64 // 2, U64 // 2 + 1, U64 - 1, 
 GUEST_TAG = b"\xde\xad<guest-data-tag>\xbe\xef"
 STEP_TIMEOUT = 10.0
 CASE_TIMEOUT = 60.0
-
-HEADER_FIELDS: dict[str, tuple[int, str]] = {
-    "magic": (0, "<I"),
-    "cluster_size": (4, "<I"),
-    "table_size": (8, "<I"),
-    "header_size": (12, "<I"),
-    "features": (16, "<Q"),
-    "compat_features": (24, "<Q"),
-    "autoclear_features": (32, "<Q"),
-    "l1_table_offset": (40, "<Q"),
-    "image_size": (48, "<Q"),
-    "backing_filename_offset": (56, "<I"),
-    "backing_filename_size": (60, "<I"),
-}
 
 
 # --------------------------------------------------------------------------- sparse file
