@@ -59,7 +59,7 @@ import enum
 import logging
 from array import array
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import trio
@@ -202,7 +202,6 @@ class EngineStats:
     zero_writes_skipped: int = 0
     flushes: int = 0
     need_check_sets: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -507,8 +506,7 @@ class QedImage:
             ext = await self._lookup(pos, len(view))
             if ext.kind is Kind.DATA:
                 assert ext.host_offset is not None
-                self._data_gen += 1
-                await self.file.pwrite(ext.host_offset, view[: ext.length])
+                await self._write_data(ext.host_offset, view[: ext.length])
                 done = ext.length
             else:
                 done = await self._allocating_write(pos, view, detect)
@@ -538,8 +536,7 @@ class QedImage:
             ext = await self._lookup(pos, len(view))
             if ext.kind is Kind.DATA:  # allocated while we waited for the lock
                 assert ext.host_offset is not None
-                self._data_gen += 1
-                await self.file.pwrite(ext.host_offset, view[: ext.length])
+                await self._write_data(ext.host_offset, view[: ext.length])
                 return ext.length
             geo = self.geometry
             cs = geo.cluster_size
@@ -606,8 +603,7 @@ class QedImage:
         # Before the file grows: a clear NEED_CHECK on disk then also means "no leaks".
         await self._mark_need_check()
         host = self._allocate(n_clusters)
-        self._data_gen += 1
-        await self.file.pwrite(host, buf)
+        await self._write_data(host, buf)
         self.stats.allocated_clusters += n_clusters
         await self._set_entries(run_start, n_clusters, host)
 
@@ -616,6 +612,19 @@ class QedImage:
         if old_kind is Kind.UNALLOCATED and self.backing is not None:
             return await self.backing.read_padded(pos, size)
         return bytes(size)
+
+    async def _write_data(self, offset: int, data: Buffer) -> None:
+        """Guest data into the image; the next flush's first step makes it durable."""
+        self._data_gen += 1
+        await self.file.pwrite(offset, data)
+
+    async def _write_header(self, header: fmt.Header) -> None:
+        """Write the 64-byte struct (never the bytes after it) and sync it.  The engine adopts
+        the header once the write is issued: from then on the file may hold it, even if the
+        sync fails, and a later header write must not undo it."""
+        await self.file.pwrite(0, header.pack())
+        self.header = header
+        await self.file.fdatasync()
 
     def _allocate(self, n_clusters: int) -> int:
         offset = self._alloc_end
@@ -651,10 +660,9 @@ class QedImage:
         """Make NEED_CHECK durable before the first metadata change after a clean state."""
         if self._need_check_on_disk:
             return
-        header = self.header.replace(features=self.header.features | fmt.Feature.NEED_CHECK)
-        await self.file.pwrite(0, header.pack())
-        await self.file.fdatasync()
-        self.header = header
+        await self._write_header(
+            self.header.replace(features=self.header.features | fmt.Feature.NEED_CHECK)
+        )
         self._need_check_on_disk = True
         self.stats.need_check_sets += 1
 
@@ -697,10 +705,9 @@ class QedImage:
             await self.file.fdatasync()
             self._l1_dirty_pages.clear()
         if self._need_check_on_disk and not self._unchecked:
-            header = self.header.replace(features=self.header.features & ~fmt.Feature.NEED_CHECK)
-            await self.file.pwrite(0, header.pack())
-            await self.file.fdatasync()
-            self.header = header
+            await self._write_header(
+                self.header.replace(features=self.header.features & ~fmt.Feature.NEED_CHECK)
+            )
             self._need_check_on_disk = False
         if self._metadata_dirty.is_set():
             # Only a set event is replaced: a waiter on an unset one must keep it.
@@ -798,12 +805,7 @@ class QedImage:
         # The new size becomes visible only once the metadata hiding the backing is durable.
         await self.flush()
         async with self._alloc_lock:
-            header = self.header.replace(image_size=new_size)
-            await self.file.pwrite(0, header.pack())
-            # The file holds the new size from here on, even if the sync fails: keep the
-            # engine in agreement (else the next header write would shrink the image back).
-            self.header = header
-            await self.file.fdatasync()
+            await self._write_header(self.header.replace(image_size=new_size))
 
     # ------------------------------------------------------------------ close
 
@@ -826,10 +828,10 @@ class QedImage:
 
     async def _leave_need_check_set(self) -> None:
         """Failsafe close: make sure NEED_CHECK is on disk so the next read-write open repairs."""
-        header = self.header.replace(features=self.header.features | fmt.Feature.NEED_CHECK)
         with trio.CancelScope(shield=True):
-            await self.file.pwrite(0, header.pack())
-            await self.file.fdatasync()
+            await self._write_header(
+                self.header.replace(features=self.header.features | fmt.Feature.NEED_CHECK)
+            )
 
     async def aclose(self) -> None:
         await self.close()
