@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from qedfuse.check import check_image
 from qedfuse.engine import OpenOptions, QedImage, create_image, open_image
 from qedfuse.imagefile import BlockFile, Buffer, MemoryImage
 
@@ -467,3 +468,15 @@ async def read_all(img: QedImage, chunk: int = 4 * MiB) -> bytes:
         out += await img.read(pos, min(chunk, img.image_size - pos))
         pos += chunk
     return bytes(out)
+
+
+async def assert_raw_clean(img: QedImage, model: Model) -> None:
+    """The raw bytes walk clean (independent walker), decode to ``model``, and the checker
+    finds no corruption, leak or error."""
+    data = raw(img)
+    w = walk(data)
+    assert w.corruptions == []
+    assert w.leaks == []
+    assert_matches_model(data, w, model)
+    report = await check_image(MemoryImage(data, read_only=True))
+    assert (report.corruptions, report.leaks, report.check_errors) == (0, 0, 0)

@@ -20,7 +20,7 @@ from enginehelpers import (
     Model,
     Wrapper,
     YieldingFile,
-    assert_matches_model,
+    assert_raw_clean,
     new_image,
     pattern,
     raw,
@@ -32,7 +32,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qedfuse import format as fmt
-from qedfuse.check import check_image
 from qedfuse.engine import OpenOptions, QedImage, open_image
 from qedfuse.imagefile import Buffer, MemoryImage
 
@@ -55,13 +54,7 @@ async def assert_clean_and_equal(
 ) -> None:
     """Raw bytes walk clean and match the model; the engine reads ``ranges`` (default: all)
     as the model does."""
-    data = raw(img)
-    w = walk(data)
-    assert w.corruptions == []
-    assert w.leaks == []
-    assert_matches_model(data, w, model)
-    report = await check_image(MemoryImage(data, read_only=True))
-    assert (report.corruptions, report.leaks, report.check_errors) == (0, 0, 0)
+    await assert_raw_clean(img, model)
     if ranges is None:
         assert await read_all(img) == model.read(0, model.size)
     for pos, size in ranges or []:

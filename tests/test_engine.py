@@ -20,7 +20,7 @@ from enginehelpers import (
     Model,
     PatternSource,
     RecordingFile,
-    assert_matches_model,
+    assert_raw_clean,
     header_of,
     new_image,
     open_bytes,
@@ -35,7 +35,6 @@ from enginehelpers import (
 )
 
 from qedfuse import format as fmt
-from qedfuse.check import check_image
 from qedfuse.engine import Extent, Kind, OpenOptions, QedImage, create_image, open_image
 from qedfuse.errors import (
     CorruptionError,
@@ -59,13 +58,7 @@ def need_check_on_disk(img_or_data: QedImage | bytearray | bytes) -> bool:
 async def assert_consistent(img: QedImage, model: Model) -> None:
     """The engine's view, the raw bytes (independent walk) and the checker all agree."""
     assert await read_all(img) == model.read(0, model.size)
-    data = raw(img)
-    w = walk(data)
-    assert w.corruptions == []
-    assert w.leaks == []
-    assert_matches_model(data, w, model)
-    report = await check_image(MemoryImage(data, read_only=True))
-    assert (report.corruptions, report.leaks, report.check_errors) == (0, 0, 0)
+    await assert_raw_clean(img, model)
 
 
 # ---------------------------------------------------------------------------- basic I/O
