@@ -235,7 +235,8 @@ async def spread_race(rng: random.Random) -> None:
     assert len(img.cache) <= img.cache.capacity + len(jobs)
     await img.flush()
     assert img.cache.n_dirty == 0
-    ranges = [(pos - 100, len(d) + 200) for pos, d in jobs]
+    # each job's range plus 100 bytes on each side (clipped at 0: a job may start below 100)
+    ranges = [(max(0, pos - 100), pos + len(d) + 100 - max(0, pos - 100)) for pos, d in jobs]
     await assert_clean_and_equal(img, model, ranges)
     img = await reopen(img)
     await assert_clean_and_equal(img, model, ranges)
