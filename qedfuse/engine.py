@@ -183,7 +183,8 @@ class L2Cache:
 
     @property
     def over_budget(self) -> bool:
-        return self.n_dirty > self.capacity
+        # n_dirty <= len: the cheap test first (this runs after every write)
+        return len(self._tables) > self.capacity and self.n_dirty > self.capacity
 
     def clear(self) -> None:
         self._tables.clear()
