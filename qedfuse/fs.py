@@ -90,6 +90,7 @@ def guard(
 
     @functools.wraps(handler)
     async def wrapper(self: QedFS, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        self.in_progress += 1
         try:
             return await handler(self, *args, **kwargs)
         except FUSEError:
@@ -107,6 +108,8 @@ def guard(
             log.exception("unexpected error in the %s handler", handler.__name__)
             self.image.enter_failsafe(f"unexpected {type(exc).__name__} in {handler.__name__}")
             raise FUSEError(errno.EIO) from None
+        finally:
+            self.in_progress -= 1
 
     return wrapper
 
@@ -160,6 +163,7 @@ class QedFS(pyfuse3.Operations):
             FILE_INODE: [stat.S_IFREG | (0o666 & ~umask & ~no_write), uid, gid, *[now_ns] * 3],
         }
         self._next_fh = 1
+        self.in_progress = 0  # requests being handled (see fuse_init)
         self._open: dict[int, int] = {}  # fh → open flags
 
     # ------------------------------------------------------------------ attributes
@@ -457,11 +461,16 @@ def fuse_init(ops: QedFS, mountpoint: str, options: set[str]) -> None:
     poller = select.poll()
     poller.register(fd, select.POLLIN)
 
-    def probe() -> bool:
+    def queued() -> bool:
         return bool(poller.poll(0))
 
-    set_queue_probe(probe)
-    _wait = _RequestWait(fd, probe)
+    def others_waiting() -> bool:
+        # A request in progress elsewhere (say, parked on an io_uring read) would stall
+        # behind an inline read that misses the page cache just as a queued one would.
+        return ops.in_progress > 1 or queued()
+
+    set_queue_probe(others_waiting)
+    _wait = _RequestWait(fd, queued)
 
 
 class _RequestWait:
