@@ -592,12 +592,13 @@ async def fuse_main() -> None:
 
 
 def _log_session_stats(hooked: bool) -> None:
-    ring = uring.ring()
-    io = (
-        f"io_uring: {ring.submitted} operations, {ring.parked} waited for"
-        if ring is not None
-        else f"io_uring unavailable ({uring.unavailable_reason()})"
-    )
+    ring = uring.current()
+    if ring is not None:
+        io = f"io_uring: {ring.submitted} operations, {ring.parked} waited for"
+    elif uring.unavailable_reason() is not None:
+        io = f"io_uring unavailable ({uring.unavailable_reason()})"
+    else:
+        io = "io_uring: 0 operations, 0 waited for"
     if hooked and _wait is not None:
         loop = f"{_wait.fast} requests found queued, {_wait.waits} epoll waits"
     else:

@@ -300,6 +300,12 @@ def ring() -> Ring | None:
     return r
 
 
+def current() -> Ring | None:
+    """This thread's ring if one was made (never makes one)."""
+    r: Ring | None = getattr(_local, "ring", None)
+    return r if r is not None and r.owned_here() else None
+
+
 def unavailable_reason() -> str | None:
     """Why :func:`ring` returns ``None`` (after it was called), for logs and the bench."""
     if os.environ.get("QEDFUSE_IO_URING", "1") == "0":

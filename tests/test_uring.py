@@ -151,10 +151,26 @@ def test_one_ring_serves_successive_trio_runs(ring: uring.Ring) -> None:
         assert uring.ring() is ring
 
 
-def test_disabled_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_disabled_by_environment_falls_back_to_inline_and_threads(
+    monkeypatch: pytest.MonkeyPatch, data_file: tuple[str, bytes], probe_on: None
+) -> None:
     monkeypatch.setenv("QEDFUSE_IO_URING", "0")
     assert uring.ring() is None
     assert uring.unavailable_reason() == "QEDFUSE_IO_URING=0"
+    path, data = data_file
+
+    async def main() -> None:
+        file = FileImage.open(path, read_only=False)
+        try:
+            assert await file.pread(10, 4096) == data[10:4106]  # others "waiting", no ring
+            await file.pwrite(0, b"new")
+            await file.fdatasync()  # through a worker thread
+            assert await file.pread(0, 3) == b"new"
+            assert file.async_reads == 0
+        finally:
+            await file.aclose()
+
+    trio.run(main)
 
 
 def test_a_forked_child_gets_its_own_ring(ring: uring.Ring) -> None:
