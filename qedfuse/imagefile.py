@@ -8,8 +8,9 @@ to record, reorder, tear or fail I/O (crash replay, fault injection).
   thread where io_uring is unavailable; ``ftruncate`` always runs in a thread.
   ``pwrite`` runs inline (a page-cached 64 KiB write costs ~9 µs inline against 150-250 µs
   for a thread hop).  ``pread`` runs inline too, unless :func:`set_queue_probe` says other
-  requests are waiting: then it goes through io_uring, which serves a page-cache hit inside
-  the submit call and lets the loop serve the others while a miss waits for the disk.
+  requests are waiting and ``cachestat`` says the data is not all in the page cache: then it
+  goes to an io_uring kernel worker, and the loop serves the others while the miss waits for
+  the disk (without ``cachestat``, io_uring tries the page cache inside the submit call).
   ``threaded_io=True`` moves pread/pwrite to threads (see ``bench/`` for the measurements
   behind these choices).
 * :class:`MemoryImage` is a thread-free in-memory file for tests.
@@ -139,11 +140,12 @@ class FileImage:
         await trio.lowlevel.checkpoint_if_cancelled()
         probe = _queue_probe
         ring = uring.ring() if probe and self._async_reads_ok and size and probe() else None
-        if ring is None:
+        cached = uring.page_cache_covers(self.fd, offset, size) if ring is not None else None
+        if ring is None or cached:  # nothing to overlap with, or a hit: inline is cheapest
             return self._pread_sync(offset, size)
         buf = bytearray(size)
         self.async_reads += 1
-        n = await ring.read_into(self.fd, buf, offset)
+        n = await ring.read_into(self.fd, buf, offset, in_worker=cached is False)
         if 0 < n < size:  # short only at the end of the file: finish as _pread_sync does
             buf[n:] = self._pread_sync(offset + n, size - n)
         return bytes(buf)

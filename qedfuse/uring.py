@@ -44,6 +44,8 @@ _OP_FSYNC = 3
 _OP_READ = 22
 _FSYNC_DATASYNC = 1
 _REGISTER_EVENTFD = 4
+_SQE_ASYNC = 1 << 4  # IOSQE_ASYNC: skip the inline attempt, run in a kernel worker
+_SYS_CACHESTAT = 451  # Linux 6.5+, same number on every architecture
 _SQE = struct.Struct("<BBHiQQIIQHHiQQ")  # struct io_uring_sqe, 64 bytes
 _CQE = struct.Struct("<QiI")  # struct io_uring_cqe, 16 bytes
 _U32 = 0xFFFFFFFF
@@ -163,7 +165,15 @@ class Ring:
     # ------------------------------------------------------------------ submission
 
     def _submit(
-        self, opcode: int, fd: int, offset: int, addr: int, length: int, flags: int, keep: object
+        self,
+        opcode: int,
+        fd: int,
+        offset: int,
+        addr: int,
+        length: int,
+        flags: int,
+        keep: object,
+        sqe_flags: int = 0,
     ) -> int:
         tail = self._sq_tail.value
         if (tail - self._sq_head.value) & _U32 >= self._sq_entries:
@@ -177,7 +187,7 @@ class Ring:
             self._sqes,
             (tail & self._sq_mask) * _SQE.size,
             opcode,
-            0,
+            sqe_flags,
             0,
             fd,
             offset,
@@ -258,12 +268,20 @@ class Ring:
 
     # ------------------------------------------------------------------ operations
 
-    async def read_into(self, fd: int, buf: bytearray, offset: int) -> int:
-        """Read up to ``len(buf)`` bytes at ``offset``; the byte count (short at EOF)."""
+    async def read_into(
+        self, fd: int, buf: bytearray, offset: int, *, in_worker: bool = False
+    ) -> int:
+        """Read up to ``len(buf)`` bytes at ``offset``; the byte count (short at EOF).
+
+        ``in_worker``: hand the read straight to a kernel worker thread (for data known not
+        to be cached: the miss path's kernel work — readahead, bio submission, the device
+        notification — then runs on another CPU instead of inside our submit call).
+        """
         if not buf:
             return 0
         addr = ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf))
-        op_id = self._submit(_OP_READ, fd, offset, addr, len(buf), 0, buf)
+        flags = _SQE_ASYNC if in_worker else 0
+        op_id = self._submit(_OP_READ, fd, offset, addr, len(buf), 0, buf, flags)
         res = await self._wait(op_id)
         if res < 0:
             raise OSError(-res, os.strerror(-res))
@@ -274,6 +292,28 @@ class Ring:
         res = await self._wait(op_id)
         if res < 0:
             raise OSError(-res, os.strerror(-res))
+
+
+_cachestat_range = ctypes.c_uint64 * 2  # struct cachestat_range {off, len}
+_cachestat = ctypes.c_uint64 * 5  # struct cachestat: nr_cache, nr_dirty, ...
+_cachestat_works = True
+
+
+def page_cache_covers(fd: int, offset: int, size: int) -> bool | None:
+    """Whether every page of ``[offset, offset+size)`` is in the page cache (cachestat(2),
+    ~2 µs); ``None`` when the kernel can't say (before Linux 6.5, some filesystems)."""
+    global _cachestat_works
+    if not _cachestat_works or size <= 0:
+        return None
+    first, last = offset // 4096, (offset + size - 1) // 4096
+    pages = last - first + 1
+    rng = _cachestat_range(first * 4096, pages * 4096)
+    out = _cachestat()
+    if _libc.syscall(_SYS_CACHESTAT, fd, ctypes.byref(rng), ctypes.byref(out), 0) != 0:
+        if ctypes.get_errno() in (38, 95):  # ENOSYS, EOPNOTSUPP: never ask again
+            _cachestat_works = False
+        return None
+    return bool(out[0] >= pages)
 
 
 _local = threading.local()

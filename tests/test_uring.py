@@ -196,17 +196,46 @@ def test_a_forked_child_gets_its_own_ring(ring: uring.Ring) -> None:
 # ------------------------------------------------------------------ FileImage on top
 
 
-async def test_fileimage_reads_through_io_uring_when_others_wait(
+def _evict(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+async def test_fileimage_misses_go_to_io_uring_when_others_wait(
     ring: uring.Ring, data_file: tuple[str, bytes], probe_on: None
 ) -> None:
     path, data = data_file
+    _evict(path)
     file = FileImage.open(path, read_only=True)
     try:
         for offset, size in [(0, 4096), (65536 - 10, 20), (len(data) - 10, 4096)]:
+            _evict(path)  # (readahead of an earlier read would make this one a hit)
             got = await file.pread(offset, size)
             expect = data[offset : offset + size]
             assert got == expect + bytes(size - len(expect))  # zero-padded past the end
         assert file.async_reads == 3
+    finally:
+        await file.aclose()
+
+
+async def test_fileimage_page_cache_hits_stay_inline(
+    ring: uring.Ring, data_file: tuple[str, bytes], probe_on: None
+) -> None:
+    """A hit is cheapest inline even when others wait (cachestat tells, Linux 6.5+)."""
+    path, data = data_file
+    file = FileImage.open(path, read_only=True)
+    try:
+        await file.pread(0, len(data))  # now all cached
+        assert uring.page_cache_covers(file.fd, 0, len(data)) is True
+        before = file.async_reads
+        assert await file.pread(65536, 8192) == data[65536 : 65536 + 8192]
+        assert file.async_reads == before
+        _evict(path)
+        assert uring.page_cache_covers(file.fd, 65536, 8192) is False
     finally:
         await file.aclose()
 
