@@ -486,6 +486,10 @@ class _RequestWait:
     (and their 1 MiB request buffers) stay hot.  A task woken by epoll polls again before
     returning, because a task on the fast path may have taken the request meanwhile.
 
+    Stop the session with :func:`fuse_terminate` (it sets ``terminating`` before pyfuse3
+    closes the descriptor): unlike pyfuse3's own wait, this one can't see libfuse's exit
+    flag, so a bare ``pyfuse3.terminate()`` only stops the tasks already waiting.
+
     The worker loop (pyfuse3 3.4/3.5) reads no state of ours, so :func:`fuse_main` bounds
     the pool with ``max_tasks``; every 8th call takes the slow path so that other trio
     tasks (the idle flusher, io_uring completions) get their turn under sustained load.
@@ -534,7 +538,8 @@ class _RequestWait:
             self.waits += 1
             try:
                 await trio.lowlevel.wait_readable(self.fd)
-            except trio.ClosedResourceError:  # pyfuse3.terminate()
+            except trio.ClosedResourceError:  # pyfuse3.terminate(), however it was called
+                self.terminating = True  # the descriptor is closing: nobody may wait on it
                 break
             finally:
                 self._reader = False

@@ -93,6 +93,7 @@ class FileImage:
         self._threaded_io = threaded_io
         self._limiter = trio.CapacityLimiter(16)
         self._async_reads_ok = _supports_nowait(fd)
+        self._cachestat_ok = True
         self.async_reads = 0  # reads that went through io_uring (for tests and the bench)
 
     @classmethod
@@ -140,14 +141,30 @@ class FileImage:
         await trio.lowlevel.checkpoint_if_cancelled()
         probe = _queue_probe
         ring = uring.ring() if probe and self._async_reads_ok and size and probe() else None
-        cached = uring.page_cache_covers(self.fd, offset, size) if ring is not None else None
-        if ring is None or cached:  # nothing to overlap with, or a hit: inline is cheapest
+        if ring is None:  # nothing to overlap with: inline is the fastest
             return self._pread_sync(offset, size)
+        cached = uring.page_cache_covers(self.fd, offset, size) if self._cachestat_ok else None
+        if cached is None:
+            self._cachestat_ok = False  # this kernel or file can't say (e.g. EPERM): stop asking
         buf = bytearray(size)
+        got = 0
+        if cached:
+            # cachestat also counts pages still being read in: let the read itself refuse
+            # to wait for those (RWF_NOWAIT), and send only what isn't ready to the ring.
+            try:
+                got = os.preadv(self.fd, [buf], offset, os.RWF_NOWAIT)
+            except BlockingIOError:
+                got = 0
+            if got == size:
+                return bytes(buf)
         self.async_reads += 1
-        n = await ring.read_into(self.fd, buf, offset, in_worker=cached is False)
-        if 0 < n < size:  # short only at the end of the file: finish as _pread_sync does
-            buf[n:] = self._pread_sync(offset + n, size - n)
+        # A known miss goes straight to a kernel worker: its readahead, bio and device
+        # notification then run on another CPU, not inside our submit call.
+        n = await ring.read_into(
+            self.fd, memoryview(buf)[got:], offset + got, in_worker=cached is not None
+        )
+        if 0 < n < size - got:  # short only at the end of the file: finish as _pread_sync does
+            buf[got + n :] = self._pread_sync(offset + got + n, size - got - n)
         return bytes(buf)
 
     async def pwrite(self, offset: int, data: Buffer) -> None:

@@ -40,6 +40,7 @@ _OFF_CQ_RING = 0x8000000
 _OFF_SQES = 0x10000000
 _FEAT_SINGLE_MMAP = 1 << 0
 _FEAT_NODROP = 1 << 1
+_FEAT_RW_CUR_POS = 1 << 3  # Linux 5.6: also the release of IORING_OP_READ and IOSQE_ASYNC
 _OP_FSYNC = 3
 _OP_READ = 22
 _FSYNC_DATASYNC = 1
@@ -125,8 +126,9 @@ class Ring:
         return int(addr)
 
     def _setup(self, p: _Params) -> None:
-        if not p.features & _FEAT_SINGLE_MMAP or not p.features & _FEAT_NODROP:
-            raise OSError(0, "io_uring: kernel too old (needs SINGLE_MMAP and NODROP)")
+        needed = _FEAT_SINGLE_MMAP | _FEAT_NODROP | _FEAT_RW_CUR_POS
+        if p.features & needed != needed:
+            raise OSError(0, "io_uring: kernel too old (needs Linux 5.6 or later)")
         sq_off, cq_off = p.sq_off, p.cq_off
         ring_size = max(sq_off[6] + p.sq_entries * 4, cq_off[5] + p.cq_entries * _CQE.size)
         base = self._mmap(ring_size, _OFF_SQ_RING)
@@ -204,7 +206,13 @@ class Ring:
         if keep is not None:
             self._buffers[op_id] = keep
         self._sq_tail.value = (tail + 1) & _U32  # the enter syscall below is the barrier
-        self._enter()
+        try:
+            self._enter()
+        except OSError:
+            if self._sq_head.value == tail:  # the kernel never took it: take it back
+                self._sq_tail.value = tail
+                self._buffers.pop(op_id, None)
+            raise
         return op_id
 
     def _unsent(self) -> int:
@@ -212,11 +220,13 @@ class Ring:
 
     def _enter(self) -> None:
         while pending := self._unsent():
-            sent = _libc.syscall(_SYS_IO_URING_ENTER, self.fd, pending, 0, 0, None, 0)
-            if sent < 0 and ctypes.get_errno() != 4:  # EINTR: again
-                # EAGAIN/EBUSY (short of memory, completions backed up): the entries stay
-                # queued; _wait pushes them again.
-                return
+            if _libc.syscall(_SYS_IO_URING_ENTER, self.fd, pending, 0, 0, None, 0) >= 0:
+                continue
+            err = ctypes.get_errno()
+            if err in (11, 16):  # EAGAIN, EBUSY: short of memory or completions backed up;
+                return  # the entries stay queued and _wait pushes them again
+            if err != 4:  # EINTR: again; anything else is not going to get better
+                raise OSError(err, f"io_uring_enter: {os.strerror(err)}")
 
     # ------------------------------------------------------------------ completion
 
@@ -247,6 +257,7 @@ class Ring:
         with trio.CancelScope(shield=True):  # once queued, the result must be collected
             while self._unsent():
                 await trio.sleep(0.001)
+                self._reap()  # collecting completions is what frees the kernel to take more
                 self._enter()
         self._reap()
         res = self._done.pop(op_id, None)
@@ -269,7 +280,7 @@ class Ring:
     # ------------------------------------------------------------------ operations
 
     async def read_into(
-        self, fd: int, buf: bytearray, offset: int, *, in_worker: bool = False
+        self, fd: int, buf: bytearray | memoryview, offset: int, *, in_worker: bool = False
     ) -> int:
         """Read up to ``len(buf)`` bytes at ``offset``; the byte count (short at EOF).
 
@@ -320,17 +331,26 @@ _local = threading.local()
 _unavailable: str | None = None if platform.machine() in ("x86_64", "AMD64") else "not x86-64"
 
 
+def _forget_after_fork() -> None:
+    """In a forked child, the parent's ring is not ours: close our copy right away, before
+    its descriptor numbers can be reused for something else."""
+    r: Ring | None = getattr(_local, "ring", None)
+    if r is not None:
+        _local.ring = None
+        r.close()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
 def ring() -> Ring | None:
     """This thread's ring, made on first use; ``None`` when io_uring can't be used here."""
     global _unavailable
     if _unavailable is not None or os.environ.get("QEDFUSE_IO_URING", "1") == "0":
         return None
     r: Ring | None = getattr(_local, "ring", None)
-    if r is not None:
-        if r.owned_here():
-            return r
-        if r._owner[0] != os.getpid():
-            r.close()  # inherited through fork: our copy of the parent's ring, never used here
+    if r is not None and r.owned_here():
+        return r
     try:
         r = Ring()
     except OSError as exc:

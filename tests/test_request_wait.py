@@ -85,7 +85,7 @@ def _run_gate(end: str, seed: int) -> dict[str, int]:
         trio.run(main)
     finally:
         os.close(r)
-        if end == "terminate":
+        if end != "eof":
             os.close(w)
     assert stats["served"] == sent
     stats["fast"], stats["waits"] = gate.fast, gate.waits
