@@ -292,17 +292,17 @@ class Ring:
             return 0
         addr = ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf))
         flags = _SQE_ASYNC if in_worker else 0
-        op_id = self._submit(_OP_READ, fd, offset, addr, len(buf), 0, buf, flags)
+        return await self._result(self._submit(_OP_READ, fd, offset, addr, len(buf), 0, buf, flags))
+
+    async def fdatasync(self, fd: int) -> None:
+        await self._result(self._submit(_OP_FSYNC, fd, 0, 0, 0, _FSYNC_DATASYNC, None))
+
+    async def _result(self, op_id: int) -> int:
+        """The operation's result; a negative one (-errno) raised as OSError."""
         res = await self._wait(op_id)
         if res < 0:
             raise OSError(-res, os.strerror(-res))
         return res
-
-    async def fdatasync(self, fd: int) -> None:
-        op_id = self._submit(_OP_FSYNC, fd, 0, 0, 0, _FSYNC_DATASYNC, None)
-        res = await self._wait(op_id)
-        if res < 0:
-            raise OSError(-res, os.strerror(-res))
 
 
 _cachestat_range = ctypes.c_uint64 * 2  # struct cachestat_range {off, len}
@@ -348,8 +348,8 @@ def ring() -> Ring | None:
     global _unavailable
     if _unavailable is not None or os.environ.get("QEDFUSE_IO_URING", "1") == "0":
         return None
-    r: Ring | None = getattr(_local, "ring", None)
-    if r is not None and r.owned_here():
+    r = current()
+    if r is not None:
         return r
     try:
         r = Ring()
