@@ -12,9 +12,13 @@ byte goes through the engine.
   a block device returns); a write crossing the end writes what fits and returns the short
   count, so the writer's retry of the rest then gets ENOSPC.
 * ``truncate``/``ftruncate`` to a larger size grows the image (``QedImage.resize``); to a
-  smaller size fails with EOPNOTSUPP (QED cannot shrink), and so does ``open(O_TRUNC)`` of a
-  non-empty disk, so ``> disk.raw`` cannot wipe it.  A size not a multiple of 512 is EINVAL,
-  one past the image geometry's limit EFBIG.
+  smaller size fails with EOPNOTSUPP (QED cannot shrink).  ``O_TRUNC`` at open is ignored,
+  as a block device ignores it, so ``dd of=disk.raw`` without ``conv=notrunc`` and
+  ``echo x > disk.raw`` write from offset 0 and leave the size alone.  Not with
+  ``-o writeback_cache``: there the kernel sets its own idea of the size to 0 at such an open
+  and keeps trusting it (it would cut later writes off at that size), so ``O_TRUNC`` stays
+  refused with EOPNOTSUPP.  A size not a multiple
+  of 512 is EINVAL, one past the image geometry's limit EFBIG.
 * chmod, chown and utimes are accepted and kept in memory for the life of the mount (QED has
   nowhere to store them); the kernel has already checked that the caller may make them.  A
   read-only mount refuses to add write permission (EROFS).
@@ -285,8 +289,11 @@ class QedFS(pyfuse3.Operations):
         writing = flags & os.O_ACCMODE != os.O_RDONLY
         if self.read_only and (writing or flags & os.O_TRUNC):
             raise FUSEError(errno.EROFS)
-        if flags & os.O_TRUNC:
-            await self._resize(0)
+        # O_TRUNC is ignored, as on a block device: the disk keeps its size and contents.
+        # With the writeback cache the kernel would believe the size is 0 from now on.
+        if flags & os.O_TRUNC and self.enable_writeback_cache:
+            log.info("refused open(O_TRUNC): the writeback cache would take the size as 0")
+            raise FUSEError(errno.EOPNOTSUPP)
         fh = self._next_fh
         self._next_fh += 1
         self._open[fh] = flags
