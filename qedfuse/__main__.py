@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from qedfuse.cli import main
+from qedfuse import console_main
 
-raise SystemExit(main())
+console_main()

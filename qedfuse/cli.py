@@ -2,7 +2,13 @@
 
 ``qedfuse COMMAND …`` runs one of ``mount umount create info check convert map resize
 commit``.  ``qedfuse IMAGE MOUNTPOINT [-o OPTS]`` (what ``mount.fuse3`` runs for an fstab
-line of type ``fuse.qedfuse``) is ``qedfuse mount IMAGE MOUNTPOINT [-o OPTS]``.
+line of type ``fuse.qedfuse``) is ``qedfuse mount IMAGE MOUNTPOINT [-o OPTS]``; that form is
+taken only when the words can be it (:func:`mount_form`), so a mistyped command gets
+``unknown command 'chek' (did you mean 'check'?)``.  qemu-img's habits work: ``-f qed``,
+``-q``, ``--output=human|json``, ``info --backing-chain``.
+
+A closed stdout (``qedfuse map x | head -1``) ends the command quietly (exit 141, as if
+killed by SIGPIPE); Ctrl-C prints ``qedfuse: interrupted`` and exits 130, never a traceback.
 
 Every failure prints exactly one line, ``qedfuse: <message>``, on stderr (a traceback too
 with ``--debug``) and exits non-zero: 2 for a bad command line, 1 otherwise, except
@@ -14,9 +20,12 @@ command line, 2 corruptions, 3 only leaks).  ``qedfuse.mount`` (and so pyfuse3) 
 from __future__ import annotations
 
 import argparse
+import difflib
+import functools
 import json
 import logging
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -34,6 +43,9 @@ OFFLINE_COMMANDS = ("create", "info", "check", "convert", "map", "resize", "comm
 COMMANDS = ("mount", "umount", *OFFLINE_COMMANDS)
 #: Options of the top-level parser that may precede the command.
 _GLOBAL_FLAGS = ("--debug", "-V", "--version", "-h", "--help")
+#: Exit status for a closed stdout (128 + SIGPIPE, what a shell shows for a killed writer).
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
+EXIT_INTERRUPTED = 128 + signal.SIGINT
 
 _EPILOG = """\
 mount(8) form:
@@ -67,6 +79,18 @@ def _add_output(p: argparse.ArgumentParser) -> None:
         help="print JSON (qemu-img's --output=json layout)",
     )
     group.add_argument("--output", choices=("human", "json"), help="output format")
+
+
+def _add_format(p: argparse.ArgumentParser, *, short: bool = True) -> None:
+    """qemu-img's ``-f FMT`` for an image that can only be QED (``mount``: ``--format`` only)."""
+    flags = ("-f", "--format") if short else ("--format",)
+    p.add_argument(*flags, dest="format", choices=("qed",), help="image format (only qed)")
+
+
+def _add_quiet(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-q", "--quiet", action="store_true", help="print nothing but errors (as qemu-img -q)"
+    )
 
 
 def _add_force_share(p: argparse.ArgumentParser) -> None:
@@ -117,9 +141,11 @@ def build_parser(*, with_mount: bool = False) -> argparse.ArgumentParser:
             raise CliError(f"mount support is not available: {exc}") from exc
         mount.configure_mount_parser(mount_parser)
         mount.configure_umount_parser(umount_parser)
+        _add_format(mount_parser, short=False)  # -f is --foreground there
 
     p = add("create", "create a new, empty QED image")
-    p.add_argument("-f", dest="format", choices=("qed",), help="image format (only qed)")
+    _add_format(p)
+    _add_quiet(p)
     p.add_argument(
         "-o",
         dest="options",
@@ -146,7 +172,13 @@ def build_parser(*, with_mount: bool = False) -> argparse.ArgumentParser:
     )
 
     p = add("info", "show the header, geometry, allocation and backing chain of an image")
+    _add_format(p)
     _add_output(p)
+    p.add_argument(
+        "--backing-chain",
+        action="store_true",
+        help="also show every image of the backing chain (JSON: a list, top first)",
+    )
     _add_force_share(p)
     p.add_argument("image", metavar="IMAGE")
 
@@ -157,13 +189,18 @@ def build_parser(*, with_mount: bool = False) -> argparse.ArgumentParser:
         choices=("leaks", "all"),
         help="repair: both modes fix corruptions and reclaim trailing leaks (as QEMU does)",
     )
+    _add_format(p)
     _add_output(p)
+    _add_quiet(p)
     _add_force_share(p)
     p.add_argument("image", metavar="IMAGE")
 
     p = add("convert", "convert between raw and QED (a QED chain is flattened)")
     p.add_argument("-p", dest="progress", action="store_true", help="show progress on stderr")
-    p.add_argument("-f", dest="src_format", choices=("raw", "qed"), help="source format (probed)")
+    _add_quiet(p)
+    p.add_argument(
+        "-f", "--format", dest="src_format", choices=("raw", "qed"), help="source format (probed)"
+    )
     p.add_argument(
         "-O", dest="dst_format", choices=("raw", "qed"), required=True, help="output format"
     )
@@ -181,29 +218,57 @@ def build_parser(*, with_mount: bool = False) -> argparse.ArgumentParser:
     p.add_argument("dst", metavar="DST")
 
     p = add("map", "show how the virtual disk maps onto the image and its backing chain")
+    _add_format(p)
     _add_output(p)
     _add_force_share(p)
     p.add_argument("image", metavar="IMAGE")
 
     p = add("resize", "grow the virtual disk (QED cannot shrink)")
+    _add_format(p)
+    _add_quiet(p)
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("size", metavar="[+]SIZE", help="new size, or +SIZE to grow by")
 
     p = add("commit", "write an overlay's data into its backing file (the overlay is kept)")
+    _add_format(p)
     p.add_argument("-p", dest="progress", action="store_true", help="show progress on stderr")
+    _add_quiet(p)
     p.add_argument("image", metavar="IMAGE")
     return parser
 
 
 def mount_form(argv: Sequence[str]) -> list[str]:
-    """Insert ``mount`` when the first word after the global flags is not a command."""
+    """Insert ``mount`` when the words are the mount(8) form ``IMAGE MOUNTPOINT [-o OPTS]``.
+
+    The first word after the global flags is taken as an image only when it is not a command,
+    a second word (the mount point) follows it, and it names an existing file or looks like a
+    path (has a ``/`` or a ``.``).  Anything else that is not a command is a usage error,
+    with the nearest command suggested: ``unknown command 'chek' (did you mean 'check'?)``.
+    """
     args = list(argv)
     i = 0
     while i < len(args) and args[i] in _GLOBAL_FLAGS:
         i += 1
-    if i < len(args) and args[i] not in COMMANDS and not args[i].startswith("-"):
+    if i >= len(args) or args[i] in COMMANDS or args[i].startswith("-"):
+        return args
+    word = args[i]
+    second = args[i + 1] if i + 1 < len(args) else None
+    looks_like_path = os.path.isfile(word) or "/" in word or "." in word
+    if second is not None and not second.startswith("-") and looks_like_path:
         args.insert(i, "mount")
-    return args
+        return args
+    raise UsageError(unknown_command_message(word))
+
+
+def unknown_command_message(word: str) -> str:
+    """``unknown command 'chek' (did you mean 'check'?)``, or the list of commands."""
+    close = difflib.get_close_matches(word, COMMANDS, n=1, cutoff=0.6)
+    if close:
+        return f"unknown command '{word}' (did you mean '{close[0]}'?)"
+    return (
+        f"unknown command '{word}': expected one of {', '.join(COMMANDS)}, or IMAGE MOUNTPOINT "
+        f"(see '{PROG} --help')"
+    )
 
 
 # ---------------------------------------------------------------------- output helpers
@@ -255,7 +320,8 @@ def _run_create(ns: argparse.Namespace) -> int:
     if result.backing_name is not None:
         line += f" backing_file={result.backing_name} backing_fmt={result.backing_format}"
     line += f" cluster_size={result.cluster_size} table_size={result.table_size}"
-    print(line)
+    if not ns.quiet:
+        print(line)
     if result.table_size == 1:
         logging.getLogger(__name__).warning(
             "QEMU cannot open images with table_size=1 (a QEMU bug); qedfuse can"
@@ -265,16 +331,55 @@ def _run_create(ns: argparse.Namespace) -> int:
 
 def _run_info(ns: argparse.Namespace) -> int:
     result = trio.run(lambda: tools.info(ns.image, force_share=ns.force_share))
+    if not ns.backing_chain:
+        if _output(ns) == "json":
+            _dump_json(result.to_json())
+        else:
+            sys.stdout.write(result.human_text())
+        return 0
+    if result.chain_error is not None:
+        raise CliError(result.chain_error)
+    layers: list[dict[str, object]] = [result.to_json()]
+    texts = [result.human_text()]
+    for path, layer_format in result.chain[1:]:
+        if layer_format == "qed":
+            layer = trio.run(functools.partial(tools.info, path, force_share=ns.force_share))
+            layers.append(layer.to_json())
+            texts.append(layer.human_text())
+        else:
+            raw, text = _raw_info(path)
+            layers.append(raw)
+            texts.append(text)
     if _output(ns) == "json":
-        _dump_json(result.to_json())
+        _dump_json(layers)
     else:
-        sys.stdout.write(result.human_text())
+        sys.stdout.write("\n".join(texts))
     return 0
+
+
+def _raw_info(path: str) -> tuple[dict[str, object], str]:
+    """qemu-img info's record and text for a raw backing file."""
+    st = os.stat(path)
+    record: dict[str, object] = {
+        "virtual-size": st.st_size,
+        "filename": path,
+        "format": "raw",
+        "actual-size": st.st_blocks * 512,
+        "dirty-flag": False,
+    }
+    text = (
+        f"image: {path}\nfile format: raw\n"
+        f"virtual size: {tools.human_size(st.st_size)} ({st.st_size} bytes)\n"
+        f"disk size: {tools.human_size(st.st_blocks * 512)}\n"
+    )
+    return record, text
 
 
 def _run_check(ns: argparse.Namespace) -> int:
     report = trio.run(lambda: tools.check(ns.image, repair=ns.repair, force_share=ns.force_share))
-    if _output(ns) == "json":
+    if ns.quiet:
+        pass
+    elif _output(ns) == "json":
         _dump_json(report.to_json(ns.image))
     else:
         sys.stdout.write(report.human_text(ns.image))
@@ -285,7 +390,7 @@ def _run_convert(ns: argparse.Namespace) -> int:
     options = tools.parse_create_options(ns.options)
     if ns.options and ns.dst_format != "qed":
         raise UsageError("convert: -o applies only to -O qed")
-    bar = _ProgressBar(sys.stderr) if ns.progress else None
+    bar = _ProgressBar(sys.stderr) if ns.progress and not ns.quiet else None
     trio.run(
         lambda: tools.convert(
             ns.src,
@@ -315,19 +420,21 @@ def _run_map(ns: argparse.Namespace) -> int:
 
 def _run_resize(ns: argparse.Namespace) -> int:
     trio.run(lambda: tools.resize(ns.image, ns.size))
-    print("Image resized.")
+    if not ns.quiet:
+        print("Image resized.")
     return 0
 
 
 def _run_commit(ns: argparse.Namespace) -> int:
-    bar = _ProgressBar(sys.stderr) if ns.progress else None
+    bar = _ProgressBar(sys.stderr) if ns.progress and not ns.quiet else None
     result = trio.run(lambda: tools.commit(ns.image, progress=bar))
     if bar is not None:
         bar.finish()
-    print(
-        f"Image committed: {result.bytes_committed} bytes written into "
-        f"'{result.backing_path}' ({result.backing_format})."
-    )
+    if not ns.quiet:
+        print(
+            f"Image committed: {result.bytes_committed} bytes written into "
+            f"'{result.backing_path}' ({result.backing_format})."
+        )
     return 0
 
 
@@ -392,6 +499,13 @@ def _describe(exc: BaseException) -> str:
     return str(exc)
 
 
+def _contains(exc: BaseException, kind: type[BaseException]) -> bool:
+    """True if ``exc`` is a ``kind`` or an exception group holding one at any depth."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.subgroup(kind) is not None
+    return isinstance(exc, kind)
+
+
 def _unwrap(exc: BaseException) -> BaseException:
     """The single exception inside (nested) one-member exception groups."""
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
@@ -406,20 +520,52 @@ def _fail(message: str, *, debug: bool, exc: BaseException | None = None) -> Non
     sys.stderr.flush()
 
 
+def _interrupted(*, debug: bool, exc: BaseException | None) -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the line
+    _fail("interrupted", debug=debug, exc=exc)
+    return EXIT_INTERRUPTED
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (the console script exits with it)."""
     args = list(sys.argv[1:] if argv is None else argv)
+    code = _guarded_main(args)
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader went away (`qedfuse map x | head`): no error line
+        _quiet_stdout()
+        return EXIT_BROKEN_PIPE
+    return code
+
+
+def _guarded_main(args: list[str]) -> int:
+    """:func:`_main` with every exception turned into one line and an exit status."""
     debug = "--debug" in args
     try:
         return _main(args)
     except BaseException as raw:
+        if _contains(raw, BrokenPipeError):  # the reader went away (`… | head -1`)
+            _quiet_stdout()
+            return EXIT_BROKEN_PIPE
+        if _contains(raw, KeyboardInterrupt):
+            return _interrupted(debug=debug, exc=raw)
         exc = _unwrap(raw)
         if isinstance(exc, SystemExit):  # --help (argparse) or a mount_main exit
             code = exc.code
             return code if isinstance(code, int) else (0 if code is None else 1)
         if isinstance(exc, CliError):
             _fail(str(exc), debug=debug, exc=exc)
-            if isinstance(exc, UsageError) and _first_command(mount_form(args)) == "check":
+            if isinstance(exc, UsageError) and _first_command(args) == "check":
                 # 2 means "corruptions remain" to check's callers: a bad command line is
                 # "the check could not complete" (qemu-img check exits 1 here too).
                 return 1
@@ -427,28 +573,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(exc, (QedError, OSError)):
             _fail(_describe(exc), debug=debug, exc=exc)
             return 1
-        if isinstance(exc, KeyboardInterrupt):
-            _fail("interrupted", debug=debug, exc=exc)
-            return 130
         if isinstance(exc, Exception):
             hint = "" if debug else " (run with --debug for a traceback)"
             _fail(f"internal error: {type(exc).__name__}: {exc}{hint}", debug=debug, exc=exc)
             return 1
         raise
-    finally:
-        try:
-            sys.stdout.flush()
-        except BrokenPipeError:
-            # The reader went away (`qedfuse map x | head`): not worth an error line.
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-            os.close(devnull)
 
 
 def _main(args: list[str]) -> int:
     args = mount_form(args)
     parser = build_parser(with_mount=_first_command(args) in ("mount", "umount"))
-    ns = parser.parse_args(args)
+    ns, extra = parser.parse_known_args(args)
+    if extra:  # argparse reports these from the top level; point at the command's --help
+        where = f"{ns.command}: " if ns.command else ""
+        hint = f"{PROG} {ns.command} --help" if ns.command else f"{PROG} --help"
+        raise UsageError(f"{where}unrecognized arguments: {' '.join(extra)} (see '{hint}')")
     debug = bool(ns.global_debug or getattr(ns, "debug", False))
     ns.debug = debug
     if ns.version:
@@ -474,4 +613,10 @@ def _first_command(args: list[str]) -> str | None:
     return None
 
 
-__all__ = ["build_parser", "main", "mount_form", "version_lines"]
+__all__ = [
+    "build_parser",
+    "main",
+    "mount_form",
+    "unknown_command_message",
+    "version_lines",
+]

@@ -12,13 +12,18 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
-from fusehelpers import mounted, need_check
+from fusehelpers import QEDFUSE, mounted, need_check, qedfuse
 
+from qedfuse import cli
 from support import check_ok, require_tool, run
 
 MiB = 1 << 20
@@ -148,3 +153,255 @@ def test_writeback_cache_still_refuses_o_trunc(tmp_path: Path, qemu_img: str) ->
         assert os.path.getsize(m.raw) == DISK_SIZE
     _check_clean(qemu_img, image)
     assert _contents(qemu_img, image, tmp_path)[:14] == b"still writable"
+
+
+# ---------------------------------------------------------------------- the command line
+
+
+def _one_line(cp: subprocess.CompletedProcess[str], code: int) -> str:
+    assert cp.returncode == code, cp
+    assert "Traceback" not in cp.stderr
+    lines = cp.stderr.splitlines()
+    assert len(lines) == 1, cp.stderr
+    assert lines[0].startswith("qedfuse: ")
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("typo", "meant"),
+    [
+        ("chek", "check"),
+        ("cehck", "check"),
+        ("infoo", "info"),
+        ("inf", "info"),
+        ("conver", "convert"),
+        ("mout", "mount"),
+        ("unmount", "umount"),
+        ("creat", "create"),
+        ("comit", "commit"),
+        ("resise", "resize"),
+        ("mapp", "map"),
+    ],
+)
+@pytest.mark.parametrize("rest", [["x.qed"], [], ["x.qed", "mnt"], ["-U", "x.qed"]])
+def test_mistyped_command_suggests_the_command(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    typo: str,
+    meant: str,
+    rest: list[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    code = cli.main([typo, *rest])
+    err = capsys.readouterr().err
+    line = _one_line(subprocess.CompletedProcess([], code, "", err), 2)
+    assert line == f"qedfuse: unknown command '{typo}' (did you mean '{meant}'?)"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_word_without_suggestion_lists_the_commands() -> None:
+    assert _one_line(qedfuse("chek", "x.qed"), 2).endswith("(did you mean 'check'?)")
+    line = _one_line(qedfuse("frobnicate", "x.qed"), 2)
+    assert "unknown command 'frobnicate'" in line
+    for command in cli.COMMANDS:
+        assert command in line
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["{image}", "{mnt}", "-o", "ro"],  # an existing image
+        ["{image}", "{mnt}"],
+        ["disk.qed", "{mnt}", "-o", "ro"],  # a missing image that looks like a file name
+        ["./disk", "{mnt}"],
+        ["{bare}", "{mnt}"],  # an existing file without a dot
+    ],
+)
+def test_mount_form_is_taken_when_it_can_be_that_form(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, argv: list[str]
+) -> None:
+    (tmp_path / "a.qed").write_bytes(b"")
+    (tmp_path / "chek").write_bytes(b"")
+    names = {"image": str(tmp_path / "a.qed"), "mnt": str(tmp_path / "m"), "bare": "chek"}
+    monkeypatch.chdir(tmp_path)
+    words = [w.format(**names) for w in argv]
+    assert cli.mount_form(words) == ["mount", *words]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["chek", "x.qed"], ["chek"], ["chek", "-o", "ro"], ["disk.qed"], ["--debug", "infp", "x"]],
+)
+def test_not_the_mount_form(
+    argv: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(cli.UsageError, match="unknown command"):
+        cli.mount_form(argv)
+
+
+@pytest.mark.parametrize(
+    ("argv", "command"),
+    [
+        (["check", "--frobnicate", "x.qed"], "check"),
+        (["info", "a.qed", "b.qed"], "info"),
+        (["map", "--output", "yaml", "x.qed"], "map"),
+        (["convert", "x.qed"], "convert"),
+        (["create", "-f", "qcow2", "x.qed", "1M"], "create"),
+        (["resize", "-f", "raw", "x.qed", "+1M"], "resize"),
+        (["commit", "--bogus", "x.qed"], "commit"),
+        (["umount"], "umount"),
+        (["mount", "x.qed"], "mount"),
+    ],
+)
+def test_usage_error_points_at_the_commands_own_help(argv: list[str], command: str) -> None:
+    cp = qedfuse(*argv)
+    line = _one_line(cp, 1 if command == "check" else 2)
+    assert line.endswith(f"(see 'qedfuse {command} --help')"), line
+
+
+def test_qemu_img_habits(tmp_path: Path, qemu_img: str) -> None:
+    """-f qed everywhere, -q, --output=human|json, info --backing-chain."""
+    base = tmp_path / "base.raw"
+    base.write_bytes(random.Random(1).randbytes(MiB))
+    mid, top = tmp_path / "mid.qed", tmp_path / "top.qed"
+    assert check_ok(qedfuse("create", "-q", "-f", "qed", "-b", base, "-F", "raw", mid)).stdout == ""
+    check_ok(qedfuse("create", "-f", "qed", "-b", mid, "-F", "qed", top))
+    for argv in (
+        ["info", "-f", "qed", top],
+        ["info", "--format", "qed", top],
+        ["check", "-f", "qed", top],
+        ["map", "-f", "qed", top],
+    ):
+        check_ok(qedfuse(*argv))
+    assert check_ok(qedfuse("check", "-q", "-f", "qed", top)).stdout == ""
+    assert check_ok(qedfuse("resize", "-q", "-f", "qed", top, "+1M")).stdout == ""
+    assert check_ok(qedfuse("commit", "-q", "-f", "qed", top)).stdout == ""
+    out = tmp_path / "out.raw"
+    assert check_ok(qedfuse("convert", "-q", "-p", "-f", "qed", "-O", "raw", top, out)).stderr == ""
+    for cmd in ("info", "check", "map"):
+        as_json = json.loads(check_ok(qedfuse(cmd, "--output=json", top)).stdout)
+        assert as_json == json.loads(check_ok(qedfuse(cmd, "--json", top)).stdout)
+        assert check_ok(qedfuse(cmd, "--output", "human", top)).stdout == (
+            check_ok(qedfuse(cmd, top)).stdout
+        )
+    # info --backing-chain: one record per layer, top first, as qemu-img shows them
+    ours = json.loads(check_ok(qedfuse("info", "--backing-chain", "--output=json", top)).stdout)
+    theirs = json.loads(
+        check_ok(run([qemu_img, "info", "--backing-chain", "--output=json", top])).stdout
+    )
+    assert [r["format"] for r in ours] == [r["format"] for r in theirs] == ["qed", "qed", "raw"]
+    assert [r["virtual-size"] for r in ours] == [r["virtual-size"] for r in theirs]
+    assert [os.path.basename(r["filename"]) for r in ours] == [
+        os.path.basename(r["filename"]) for r in theirs
+    ]
+    text = check_ok(qedfuse("info", "--backing-chain", top)).stdout
+    assert text.count("image: ") == 3
+    assert "file format: raw" in text
+    # mount takes --format qed (-f is --foreground there)
+    with mounted(top, tmp_path / "mnt", "--format", "qed") as m:
+        assert os.path.getsize(m.raw) == 2 * MiB
+
+
+def _many_extents(tmp_path: Path) -> Path:
+    """A QED image whose map has thousands of lines (every other cluster allocated)."""
+    raw = tmp_path / "sparse.raw"
+    with open(raw, "wb") as f:
+        f.truncate(512 * MiB)
+        for pos in range(0, 512 * MiB, 128 * 1024):
+            f.seek(pos)
+            f.write(b"x")
+    image = tmp_path / "sparse.qed"
+    check_ok(qedfuse("convert", "-O", "qed", raw, image))
+    return image
+
+
+def test_closed_pipe_exits_quietly(tmp_path: Path) -> None:
+    image = _many_extents(tmp_path)
+    for read_bytes, argv in (
+        (0, ["map", image]),
+        (1, ["map", "--output=json", image]),
+        (70000, ["map", image]),
+        (0, ["info", "--json", image]),
+        (10, ["info", image]),
+    ):
+        proc = subprocess.Popen(
+            [QEDFUSE, *map(str, argv)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        proc.stdout.read(read_bytes)
+        proc.stdout.close()
+        err = proc.stderr.read().decode()
+        rc = proc.wait(timeout=60)
+        assert err == "", err
+        assert rc in (0, cli.EXIT_BROKEN_PIPE), rc
+    cp = run(["sh", "-c", f"'{QEDFUSE}' map '{image}' | head -1"])
+    assert cp.stderr == ""
+    assert cp.stdout.startswith("Offset")
+
+
+def _started(pid: int, path: Path) -> bool:
+    """True once the process has ``path`` open (qedfuse's own code is running)."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == str(path):
+                return True
+        except OSError:
+            pass
+    return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["convert", "check"])
+def test_ctrl_c_at_any_moment_prints_one_line(tmp_path: Path, command: str) -> None:
+    """SIGINT at random moments once qedfuse runs: one line and 130, or a normal finish.
+
+    (A SIGINT while the interpreter itself still starts, before any qedfuse code runs, is
+    Python's own business: it may print Python's traceback.)
+    """
+    src = tmp_path / "src.raw"
+    src.write_bytes(os.urandom(48 * MiB))
+    image = tmp_path / "img.qed"
+    check_ok(qedfuse("convert", "-O", "qed", src, image))
+    rng = random.Random(command)
+    outcomes: set[int] = set()
+    duration_s = 0.5
+    for attempt in range(8):
+        if command == "convert":
+            dst = tmp_path / f"out{attempt}.qed"
+            argv, watched = ["convert", "-p", "-O", "qed", src, dst], src
+        else:
+            argv, watched = ["check", image], image
+        proc = subprocess.Popen(
+            [QEDFUSE, *map(str, argv)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        deadline = time.monotonic() + 30
+        while not _started(proc.pid, watched) and proc.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        started = time.monotonic()
+        if attempt == 0:  # measure a whole run, then interrupt somewhere inside one
+            proc.communicate(timeout=60)
+            duration_s = time.monotonic() - started
+            continue
+        time.sleep(0 if attempt == 1 else rng.uniform(0, duration_s))
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        outcomes.add(proc.returncode)
+        assert "Traceback" not in err, err
+        if proc.returncode == cli.EXIT_INTERRUPTED:
+            assert err.splitlines()[-1] == "qedfuse: interrupted", err
+            assert err.count("qedfuse:") == 1, err
+        elif proc.returncode == -signal.SIGINT:  # during the interpreter's exit: silent
+            assert "qedfuse:" not in err, err
+        else:
+            assert proc.returncode == 0, err
+    assert cli.EXIT_INTERRUPTED in outcomes
