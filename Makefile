@@ -38,7 +38,17 @@ endif
 
 SYSTEMD_UNITS := $(wildcard systemd/*.service systemd/*.mount)
 
-.PHONY: help deps venv lint test run install bench clean
+# `make install`: a self-contained copy (its own venv, a non-editable install) under PREFIX.
+# DESTDIR stages the files for a package; the venv's paths are rewritten to the final ones.
+PREFIX      ?= /usr/local
+BINDIR      ?= $(PREFIX)/bin
+LIBDIR      ?= $(PREFIX)/lib/qedfuse
+MANDIR      ?= $(PREFIX)/share/man
+BASHCOMPDIR ?= $(PREFIX)/share/bash-completion/completions
+SYSTEMDDIR  ?= /etc/systemd/system
+DESTDIR     ?=
+
+.PHONY: help deps venv lint test run install uninstall bench clean
 
 help:
 	@echo "qedfuse make targets:"
@@ -47,7 +57,9 @@ help:
 	@echo "  make lint     ruff check, ruff format --check, mypy --strict"
 	@echo "  make test     deps + venv + lint + pytest   (PYTEST_ARGS='-k engine' passes through)"
 	@echo "  make run      mount IMAGE (default: $(DEMO_IMAGE), created if missing) at ./$(MNT)"
-	@echo "  make install  symlink /usr/local/bin/qedfuse -> .venv, install systemd units if any"
+	@echo "  make install  install a self-contained copy: $(LIBDIR) (own venv), $(BINDIR)/qedfuse,"
+	@echo "                qedfuse(1), bash completion, systemd units (PREFIX=, DESTDIR= honoured)"
+	@echo "  make uninstall  remove what make install installed"
 	@echo "  make bench    run the benchmarks: .venv/bin/python -m bench (BENCH_ARGS passes through)"
 	@echo "  make clean    remove .venv, build artefacts and caches (keeps $(DEMO_IMAGE))"
 
@@ -127,18 +139,51 @@ run: deps venv
 	echo "unmount:    $(QEDFUSE) umount --wait ./$(MNT)"
 
 # --------------------------------------------------------------------------- install
-install: venv
-	@if [ "$$(id -u)" -ne 0 ]; then echo "install: must be root; run: sudo make install" >&2; exit 1; fi
-	ln -sfn '$(abspath $(QEDFUSE))' /usr/local/bin/qedfuse
+# The copy does not depend on the clone: deleting or moving the clone afterwards leaves
+# mount(8), fstab entries and the systemd units working.  The new venv is built next to the
+# old one and swapped in at the end, so a failed install leaves the old copy in place.
+install: deps
+	@if [ -z '$(DESTDIR)' ] && [ '$(PREFIX)' = /usr/local ] && [ "$$(id -u)" -ne 0 ]; then \
+	  echo "install: must be root for PREFIX=/usr/local; run: sudo make install" >&2; exit 1; fi
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+	  || { echo "install: $(PYTHON) is older than 3.11; set PYTHON=python3.11" >&2; exit 1; }
+	rm -rf '$(DESTDIR)$(LIBDIR).new'
+	mkdir -p '$(dir $(DESTDIR)$(LIBDIR))'
+	$(PYTHON) -m venv '$(DESTDIR)$(LIBDIR).new'
+	'$(DESTDIR)$(LIBDIR).new/bin/python' -m pip install --quiet --upgrade pip
+	'$(DESTDIR)$(LIBDIR).new/bin/python' -m pip install --quiet '$(abspath .)'
+	grep -rlI --null -e '$(DESTDIR)$(LIBDIR).new' '$(DESTDIR)$(LIBDIR).new/bin' \
+	  '$(DESTDIR)$(LIBDIR).new/pyvenv.cfg' | xargs -0 -r sed -i 's|$(DESTDIR)$(LIBDIR).new|$(LIBDIR)|g'
+	'$(DESTDIR)$(LIBDIR).new/bin/python' -m qedfuse.docgen man > '$(DESTDIR)$(LIBDIR).new/qedfuse.1'
+	'$(DESTDIR)$(LIBDIR).new/bin/python' -m qedfuse.docgen bash > '$(DESTDIR)$(LIBDIR).new/qedfuse.bash'
+	rm -rf '$(DESTDIR)$(LIBDIR).old'
+	if [ -e '$(DESTDIR)$(LIBDIR)' ]; then mv '$(DESTDIR)$(LIBDIR)' '$(DESTDIR)$(LIBDIR).old'; fi
+	mv '$(DESTDIR)$(LIBDIR).new' '$(DESTDIR)$(LIBDIR)'
+	rm -rf '$(DESTDIR)$(LIBDIR).old'
+	install -d '$(DESTDIR)$(BINDIR)' '$(DESTDIR)$(MANDIR)/man1' '$(DESTDIR)$(BASHCOMPDIR)'
+	ln -sfn '$(LIBDIR)/bin/qedfuse' '$(DESTDIR)$(BINDIR)/qedfuse'
+	install -m 0644 '$(DESTDIR)$(LIBDIR)/qedfuse.1' '$(DESTDIR)$(MANDIR)/man1/qedfuse.1'
+	install -m 0644 '$(DESTDIR)$(LIBDIR)/qedfuse.bash' '$(DESTDIR)$(BASHCOMPDIR)/qedfuse'
 ifneq ($(SYSTEMD_UNITS),)
-	install -m 0644 $(SYSTEMD_UNITS) /etc/systemd/system/
-	@if [ "$$(cat /proc/1/comm 2>/dev/null)" = systemd ]; then \
+	install -d '$(DESTDIR)$(SYSTEMDDIR)'
+	for unit in $(SYSTEMD_UNITS); do \
+	  sed 's|/usr/local/bin/qedfuse|$(BINDIR)/qedfuse|g' "$$unit" > '$(DESTDIR)$(SYSTEMDDIR)/'"$$(basename "$$unit")"; \
+	  chmod 0644 '$(DESTDIR)$(SYSTEMDDIR)/'"$$(basename "$$unit")"; \
+	done
+	@if [ -z '$(DESTDIR)' ] && [ '$(SYSTEMDDIR)' = /etc/systemd/system ] \
+	    && [ "$$(cat /proc/1/comm 2>/dev/null)" = systemd ]; then \
 	  systemctl daemon-reload; \
 	else \
-	  echo "install: systemd is not PID 1 here; skipped systemctl daemon-reload"; \
+	  echo "install: skipped systemctl daemon-reload (systemd not PID 1, or a staged install)"; \
 	fi
 endif
-	@echo "install: /usr/local/bin/qedfuse -> $(abspath $(QEDFUSE))"
+	@echo "install: $(BINDIR)/qedfuse -> $(LIBDIR)/bin/qedfuse ($$('$(DESTDIR)$(LIBDIR)/bin/python' -m qedfuse --version | head -1))"
+
+uninstall:
+	rm -rf '$(DESTDIR)$(LIBDIR)'
+	rm -f '$(DESTDIR)$(BINDIR)/qedfuse' '$(DESTDIR)$(MANDIR)/man1/qedfuse.1' \
+	  '$(DESTDIR)$(BASHCOMPDIR)/qedfuse'
+	for unit in $(SYSTEMD_UNITS); do rm -f '$(DESTDIR)$(SYSTEMDDIR)/'"$$(basename "$$unit")"; done
 
 # --------------------------------------------------------------------------- bench
 bench: deps venv

@@ -27,6 +27,7 @@ import logging
 import os
 import signal
 import sys
+import textwrap
 import traceback
 from collections.abc import Callable, Sequence
 from typing import NoReturn, TextIO
@@ -47,14 +48,20 @@ _GLOBAL_FLAGS = ("--debug", "-V", "--version", "-h", "--help")
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 EXIT_INTERRUPTED = 128 + signal.SIGINT
 
-_EPILOG = """\
+#: The exit statuses, for --help and the man page.
+EXIT_STATUS_TEXT = """\
+0 success, 1 failure, 2 bad command line, 130 interrupted (Ctrl-C),
+141 stdout closed early (as if killed by SIGPIPE);
+check: 0 clean, 1 check could not complete (also a bad command line), 2 corruptions
+remain, 3 only leaks remain"""
+
+_EPILOG = f"""\
 mount(8) form:
   qedfuse IMAGE MOUNTPOINT [-o OPTS]   is the same as   qedfuse mount IMAGE MOUNTPOINT [-o OPTS]
   (what mount.fuse3 runs for an fstab entry of type fuse.qedfuse)
 
-exit status: 0 success, 1 failure, 2 bad command line;
-  check: 0 clean, 1 check could not complete (also a bad command line), 2 corruptions
-  remain, 3 only leaks remain
+exit status:
+{textwrap.indent(EXIT_STATUS_TEXT, "  ")}
 """
 
 

@@ -259,13 +259,62 @@ _VALUED: dict[str, tuple[str, Callable[[str, str], object]]] = {
     "subtype": ("", _text),
 }
 
+#: The ``-o`` options for the man page and ``--help``: (how to write it, what it does).
+#: Every option :func:`parse_options` takes is in here (tests/test_packaging.py checks).
+OPTION_HELP: tuple[tuple[str, str], ...] = (
+    ("ro", "read-only: file mode 0400, writes fail with EROFS, the image is never written"),
+    ("rw", "read-write (the default)"),
+    ("uid=USER", "owner of the file (name or number; default: the mounting user)"),
+    ("gid=GROUP", "group of the file (name or number; default: the mounting user's)"),
+    ("umask=MASK", "octal mask of the file's permissions (default 077, so mode 0600)"),
+    ("fsname=NAME", "first column of /proc/mounts (default: the image's absolute path)"),
+    ("cache=auto", "the default: page cache, dropped on every open; shared mmap works"),
+    ("cache=none", "every read and write reaches qedfuse; shared mmap fails (alias direct_io)"),
+    ("cache=kernel", "page cache kept across opens (alias kernel_cache)"),
+    ("auto_cache", "the same as cache=auto"),
+    ("direct_io", "the same as cache=none"),
+    ("kernel_cache", "the same as cache=kernel"),
+    ("log=FILE", "the daemon's log file"),
+    ("debug", "debug logging"),
+    ("backing=PATH", "use PATH as the backing file instead of the one the image names"),
+    ("untrusted", "refuse to open any backing file"),
+    ("detect_zeroes=on|off", "store all-zero writes as zero clusters (default on)"),
+    (
+        "flush_delay=SECONDS",
+        f"flush metadata and clear NEED_CHECK once writes pause this long "
+        f"(default {DEFAULT_FLUSH_DELAY:g})",
+    ),
+    ("pidfile=FILE", "write the daemon's pid to FILE (as --pidfile)"),
+    (
+        "writeback_cache",
+        "the kernel's FUSE writeback cache: faster small writes; a write past the end fails "
+        "only at the next fsync or close; O_TRUNC is refused; off by default",
+    ),
+    ("max_read=N", "largest read request in bytes (at least 4096), passed to FUSE"),
+    ("subtype=NAME", "accepted and ignored: the type is always fuse.qedfuse"),
+    *((name, "passed to FUSE") for name in sorted(PASS_THROUGH)),
+    *((name, "ignored (meant for mount(8), mount.fuse3 or fstab)") for name in sorted(DROPPED)),
+    *(
+        (f"{prefix}…", "ignored (meant for mount(8), mount.fuse3 or systemd)")
+        for prefix in DROPPED_PREFIXES
+    ),
+)
+
+
+def option_keys() -> frozenset[str]:
+    """Every option word :func:`parse_options` accepts (valued ones without ``=``)."""
+    return frozenset(_FLAGS) | frozenset(_VALUED) | PASS_THROUGH | DROPPED
+
+
 __all__ = [
     "DROPPED",
+    "OPTION_HELP",
     "PASS_THROUGH",
     "CacheMode",
     "MountOptions",
     "OptionError",
     "escape_value",
+    "option_keys",
     "parse_options",
     "split_options",
 ]
