@@ -174,22 +174,23 @@ def test_service_unit_contract() -> None:
 
 
 def test_make_install_puts_qedfuse_where_the_units_expect_it() -> None:
-    """`make install` symlinks /usr/local/bin/qedfuse and installs the service, not examples."""
+    """`make install` links /usr/local/bin/qedfuse into its own copy (not into the clone)
+    and installs the service, not the examples (tests/test_packaging.py runs it for real)."""
     make = require_tool("make")
     cp = check_ok(run([make, "-n", "-C", REPO, "install"]))
     lines = cp.stdout.splitlines()
     assert any(
-        re.fullmatch(
-            rf"ln -sfn '?{re.escape(str(REPO))}/\.venv/bin/qedfuse'? {INSTALLED_QEDFUSE}", ln
-        )
+        re.fullmatch(rf"ln -sfn '?/usr/local/lib/qedfuse/bin/qedfuse'? '?{INSTALLED_QEDFUSE}'?", ln)
         for ln in lines
     ), cp.stdout
-    installs = [ln for ln in lines if ln.startswith("install -m 0644")]
-    assert len(installs) == 1, cp.stdout
-    assert "systemd/qedfuse@.service" in installs[0]
+    assert str(REPO / ".venv") not in cp.stdout
+    units = [ln for ln in lines if ln.startswith("for unit in ")]
+    assert len(units) == 1, cp.stdout
+    assert units[0].split(";")[0].split()[3:] == ["systemd/qedfuse@.service"]
     # the example mount unit must not land in /etc/systemd/system under a name that does not
     # match its Where= (systemd refuses such units)
-    assert "mnt-disk" not in installs[0]
+    assert "mnt-disk" not in units[0]
+    assert any("> '/etc/systemd/system/'" in ln for ln in lines), cp.stdout
     # the mount(8) path: PATH is reset to these directories, /usr/local/bin among them
     assert INSTALLED_QEDFUSE.startswith("/usr/local/bin/")
 
