@@ -119,24 +119,21 @@ run: deps venv
 	  fi; \
 	fi; \
 	[ -f "$$image" ] || { echo "run: image '$$image' not found" >&2; exit 1; }; \
-	mnt_abs=$$(realpath -s -m '$(MNT)'); \
-	if awk -v m="$$mnt_abs" '$$2 == m { found = 1 } END { exit !found }' /proc/self/mounts; then \
-	  if stat "$$mnt_abs/" >/dev/null 2>&1; then \
-	    echo "run: $$mnt_abs is already mounted ($$(findmnt -rn -o SOURCE --mountpoint "$$mnt_abs" | head -1)); not remounting"; \
-	  else \
-	    echo "run: $$mnt_abs is a stale mount (daemon gone); clean it up with: fusermount3 -u $$mnt_abs" >&2; \
-	    exit 1; \
-	  fi; \
-	else \
-	  mkdir -p "$$mnt_abs"; \
-	  $(QEDFUSE) mount "$$image" '$(MNT)'; \
-	fi; \
+	state=$$($(VENV_BIN)/python -m qedfuse.mount state '$(MNT)'); \
+	mnt_abs=$$(sed -n 2p <<<"$$state"); state=$$(sed -n 1p <<<"$$state"); \
+	case "$$state" in \
+	  none) mkdir -p '$(MNT)'; $(QEDFUSE) mount "$$image" '$(MNT)';; \
+	  serving*) echo "run: $$mnt_abs is already mounted (daemon pid $${state#serving }); not remounting";; \
+	  stopped*) echo "run: $$mnt_abs is served by a stopped daemon; resume it with: kill -CONT $${state#stopped }" >&2; exit 1;; \
+	  stale) echo "run: $$mnt_abs is a stale mount (daemon gone); clean it up with: $(QEDFUSE) umount $$mnt_abs" >&2; exit 1;; \
+	  unanswering) echo "run: $$mnt_abs is mounted but does not answer; detach it with: $(QEDFUSE) umount --lazy $$mnt_abs" >&2; exit 1;; \
+	  *) echo "run: $$mnt_abs is already a mount point ($$state); not mounting over it" >&2; exit 1;; \
+	esac; \
 	stem=$$(basename "$$image"); stem=$${stem%.*}; \
 	raw="$$mnt_abs/$$stem.raw"; \
-	[ -e "$$raw" ] || echo "run: warning: $$raw does not exist (is another image mounted there?)" >&2; \
 	echo; \
 	echo "raw disk:   $$raw"; \
-	echo "unmount:    $(QEDFUSE) umount --wait ./$(MNT)"
+	echo "unmount:    $(QEDFUSE) umount --wait $$mnt_abs"
 
 # --------------------------------------------------------------------------- install
 # The copy does not depend on the clone: deleting or moving the clone afterwards leaves

@@ -27,10 +27,15 @@ open repairs).
 
 Umount
 ------
-``qedfuse umount`` reads the daemon's pid from the ``user.qedfuse.pid`` xattr on the mount
-root, runs ``fusermount3 -u`` (``-uz`` with ``--lazy``) and with ``--wait`` polls until that
-process is gone, then reports whether the image was left clean.  A busy mount point names its
-holders; a dead (ENOTCONN) mount is detached with ``fusermount3 -uz``.
+``qedfuse umount`` resolves the path it is given to the mount point's physical path (symlinks,
+``..``, relative paths; :func:`resolve_path`, which never stats a mount's root), finds the mount
+in ``/proc/self/mountinfo`` and its daemon in the registry (keyed by the mount's device number),
+runs ``fusermount3 -u`` (``-uz`` with ``--lazy``) and with ``--wait`` polls until that process is
+gone, then reports whether the image was left clean.  Nothing it does can block on a daemon
+that does not answer (stopped, dead): the one probe into the mount runs in a child process,
+and ``--timeout`` bounds the whole command.  A busy mount point names its holders; a dead
+(ENOTCONN) mount is detached with ``fusermount3 -uz``; the registry record lives until the
+daemon exits, so ``--wait`` after a plain ``umount`` still waits for the final flush.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ import json
 import logging
 import os
 import re
+import select
 import shutil
 import signal
 import stat
@@ -169,6 +175,13 @@ def configure_umount_parser(p: argparse.ArgumentParser) -> None:
 
 
 # ---------------------------------------------------------------------------- mount table
+# A FUSE mount whose daemon is stopped (SIGSTOP) or busy never answers: any stat, listdir,
+# realpath or open of its root or of anything under it blocks, uninterruptibly for the
+# caller's purposes.  So a mount point is identified from /proc/self/mountinfo (which names
+# mounts by their physical path and never asks a filesystem), paths are resolved component by
+# component without touching a mount's root, and the few syscalls that must go into a FUSE
+# mount run in a child process that is killed when the time is up (a thread stuck in a FUSE
+# request would keep this process from exiting).
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +192,13 @@ class MountEntry:
     fstype: str
     source: str
     device: str  # major:minor
+    mount_id: int = 0
+    parent_id: int = 0
+
+    @property
+    def is_fuse(self) -> bool:
+        """Served by a userspace daemon that may not answer."""
+        return self.fstype in ("fuse", "fuseblk") or self.fstype.startswith(("fuse.", "fuseblk."))
 
 
 def _unescape(field_text: str) -> str:
@@ -204,9 +224,16 @@ def mount_entries() -> list[MountEntry]:
                 left, _, right = line.partition(" - ")
                 fields = left.split()
                 rest = right.split()
-                if len(fields) >= 5 and len(rest) >= 2:
+                if len(fields) >= 5 and len(rest) >= 2 and fields[0].isdigit():
                     entries.append(
-                        MountEntry(_unescape(fields[4]), rest[0], _unescape(rest[1]), fields[2])
+                        MountEntry(
+                            _unescape(fields[4]),
+                            rest[0],
+                            _unescape(rest[1]),
+                            fields[2],
+                            int(fields[0]),
+                            int(fields[1]) if fields[1].isdigit() else 0,
+                        )
                     )
     except OSError:
         pass
@@ -214,9 +241,198 @@ def mount_entries() -> list[MountEntry]:
 
 
 def mount_entry(path: str) -> MountEntry | None:
-    """The topmost mount at ``path`` (absolute), or None."""
+    """The topmost mount whose mountinfo path is exactly ``path`` (physical), or None."""
     found = [entry for entry in mount_entries() if entry.mountpoint == path]
     return found[-1] if found else None
+
+
+def _covering(entries: list[MountEntry], parent: MountEntry | None, path: str) -> MountEntry | None:
+    """The mount visible at ``path`` (a directory of ``parent``), following stacked mounts."""
+    top: MountEntry | None = None
+    while True:
+        if parent is None:  # no tree (odd /proc): match the path alone
+            here = [e for e in entries if e.mountpoint == path and e is not top]
+            return here[-1] if here else top
+        below = parent
+        here = [e for e in entries if e.parent_id == below.mount_id and e.mountpoint == path]
+        here = [e for e in here if e.mount_id != below.mount_id]
+        if not here:
+            return top
+        top = parent = here[-1]
+
+
+def _root_mount(entries: list[MountEntry]) -> MountEntry | None:
+    ids = {e.mount_id for e in entries}
+    roots = [e for e in entries if e.mountpoint == "/" and e.parent_id not in ids]
+    if not roots:
+        roots = [e for e in entries if e.mountpoint == "/"]
+    if not roots:
+        return None
+    return _covering(entries, roots[0], "/") or roots[0]
+
+
+#: Longest a probe into a FUSE mount may take when no larger timeout applies (a live daemon
+#: answers in milliseconds; its request loop never waits for a flush).
+PROBE_TIMEOUT_S = 5.0
+_MAX_SYMLINKS = 40
+
+
+def _probe(op: str, path: str, timeout: float) -> tuple[int, bytes] | None:
+    """Run one syscall (lstat, stat, readlink, listdir) on ``path`` in a child process.
+
+    Returns (errno or 0, payload) - payload: b"l"/b"d"/b"f" for the file type, the link
+    target for readlink - or None if it did not answer within ``timeout`` seconds (the child
+    is killed and left to the kernel: it ends when the mount answers or goes away).
+    """
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.close(read_fd)
+            code, out = 0, b""
+            try:
+                if op == "readlink":
+                    out = os.fsencode(os.readlink(path))
+                elif op == "listdir":
+                    os.listdir(path)
+                else:
+                    mode = (os.lstat(path) if op == "lstat" else os.stat(path)).st_mode
+                    out = b"l" if stat.S_ISLNK(mode) else b"d" if stat.S_ISDIR(mode) else b"f"
+            except OSError as exc:
+                code = exc.errno or errno.EIO
+            os.write(write_fd, code.to_bytes(4, "little") + out)
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    data = b""
+    deadline = time.monotonic() + max(timeout, 0.0)
+    try:
+        while True:
+            ready, _, _ = select.select([read_fd], [], [], max(deadline - time.monotonic(), 0))
+            if not ready:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)
+                return None
+            chunk = os.read(read_fd, 65536)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        os.close(read_fd)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)  # it wrote its answer and exits
+    if len(data) < 4:
+        return errno.EIO, b""
+    return int.from_bytes(data[:4], "little"), data[4:]
+
+
+def _direct(op: str, path: str) -> tuple[int, bytes]:
+    """:func:`_probe`'s syscall in this process, for paths outside every FUSE mount."""
+    try:
+        if op == "readlink":
+            return 0, os.fsencode(os.readlink(path))
+        if op == "listdir":
+            os.listdir(path)
+            return 0, b""
+        mode = (os.lstat(path) if op == "lstat" else os.stat(path)).st_mode
+    except OSError as exc:
+        return exc.errno or errno.EIO, b""
+    return 0, b"l" if stat.S_ISLNK(mode) else b"d" if stat.S_ISDIR(mode) else b"f"
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedPath:
+    """A path as the kernel sees it, found without asking any mount's root."""
+
+    path: str  # physical: absolute, no symlinks, no `.`/`..`, no trailing slash
+    mount: MountEntry | None  # the mount whose root ``path`` is, if any
+    #: the file type ("dir", "file", "mount") or "missing"; "unknown" if a FUSE mount on
+    #: the way did not answer (the rest of the path was then taken literally)
+    kind: str
+    #: the mount ``path`` lies in (the one that would answer for it)
+    within: MountEntry | None
+
+
+def resolve_path(path: str, deadline: float | None = None) -> ResolvedPath:
+    """Resolve ``path`` like the kernel does, without a syscall into a mount that may hang.
+
+    Symlinks in any component, relative paths, ``.``, ``..`` and trailing slashes all give
+    the same result for the same directory.  Mount points come from mountinfo and are never
+    stat'ed; a component inside a FUSE mount is looked at by a child process bounded by
+    ``deadline`` (``time.monotonic()``; default :data:`PROBE_TIMEOUT_S` from now).
+    """
+    if deadline is None:
+        deadline = time.monotonic() + PROBE_TIMEOUT_S
+    entries = mount_entries()
+    root = _root_mount(entries)
+    # stack of (physical path, mount containing it, True if it is that mount's root)
+    stack: list[tuple[str, MountEntry | None, bool]] = [("/", root, True)]
+    if not path.startswith("/"):
+        todo = [*os.getcwd().split("/"), *path.split("/")]  # getcwd asks no filesystem
+    else:
+        todo = path.split("/")
+    todo.reverse()  # a stack: the next component is last
+    links = 0
+    kind = "mount" if root is not None else "dir"
+    answering = True
+    while todo:
+        name = todo.pop()
+        if name in ("", "."):
+            continue
+        if name == "..":
+            if len(stack) > 1:
+                stack.pop()
+            kind = "mount" if stack[-1][2] and stack[-1][1] is not None else "dir"
+            continue
+        parent_path, parent_mount, _ = stack[-1]
+        candidate = os.path.join(parent_path, name)
+        covering = _covering(entries, parent_mount, candidate)
+        if covering is not None and covering is not parent_mount:
+            stack.append((candidate, covering, True))
+            kind = "mount"  # a mount's root is never a symlink: no need to look
+            continue
+        if kind in ("missing", "unknown") or not answering:
+            stack.append((candidate, parent_mount, False))
+            continue
+        fuse = parent_mount is not None and parent_mount.is_fuse
+        if fuse:
+            answer = _probe("lstat", candidate, deadline - time.monotonic())
+        else:
+            answer = _direct("lstat", candidate)
+        if answer is None:
+            log.debug("%s does not answer; taking the rest of %s literally", candidate, path)
+            answering = False
+            kind = "unknown"
+            stack.append((candidate, parent_mount, False))
+            continue
+        code, what = answer
+        if code == 0 and what == b"l":
+            links += 1
+            if links > _MAX_SYMLINKS:
+                raise MountError(f"{path}: too many levels of symbolic links")
+            if fuse:
+                target = _probe("readlink", candidate, deadline - time.monotonic())
+            else:
+                target = _direct("readlink", candidate)
+            if target is None or target[0] != 0:
+                answering = target is not None
+                kind = "unknown"
+                stack.append((candidate, parent_mount, False))
+                continue
+            text = os.fsdecode(target[1])
+            if text.startswith("/"):
+                del stack[1:]
+            todo.extend(reversed(text.split("/")))
+            continue
+        stack.append((candidate, parent_mount, False))
+        if code == 0:
+            kind = "dir" if what == b"d" else "file"
+        else:
+            kind = "missing" if code in (errno.ENOENT, errno.ENOTDIR) else "unknown"
+    final, within, is_root = stack[-1]
+    return ResolvedPath(final, within if is_root else None, kind, within)
 
 
 def _own_mount(cfg: MountConfig) -> MountEntry | None:
@@ -233,33 +449,58 @@ def _own_mount(cfg: MountConfig) -> MountEntry | None:
         for e in mount_entries()
         if e.fstype == _FSTYPE
         and e.source in (cfg.image_path, _FSTYPE.removeprefix("fuse."))
-        and find_daemon(e.mountpoint) is None
+        and daemon_for(e) is None
     ]
     return candidates[0] if len(candidates) == 1 else None
 
 
-def _check_mountpoint(mountpoint: str) -> None:
-    entry = mount_entry(mountpoint)
+def _check_mountpoint(mountpoint: str) -> str:
+    """The physical path of ``mountpoint`` if a new mount may go there; else MountError."""
+    target = resolve_path(mountpoint)
+    entry = target.mount
+    path = target.path
     if entry is not None:
-        try:
-            os.listdir(mountpoint)  # stat could answer from cached attributes
-        except OSError as exc:
-            if exc.errno in (errno.ENOTCONN, errno.ECONNABORTED):
+        what = f"{entry.fstype} {entry.source}"
+        daemon = daemon_for(entry) if entry.fstype == _FSTYPE else None
+        if daemon is not None:
+            if _is_stopped(daemon.pid):
                 raise MountError(
-                    f"{mountpoint} is a stale mount (its daemon is gone); clean it up with: "
-                    f"qedfuse umount {mountpoint}"
-                ) from None
-        raise MountError(f"{mountpoint} is already mounted ({entry.fstype} {entry.source})")
-    try:
-        os.stat(mountpoint)
-    except FileNotFoundError:
-        raise MountError(f"mount point {mountpoint} does not exist") from None
-    except OSError as exc:
-        raise MountError(f"mount point {mountpoint}: {exc.strerror}") from None
-    if not os.path.isdir(mountpoint):
-        raise MountError(f"mount point {mountpoint} is not a directory")
-    if os.path.ismount(mountpoint):
-        raise MountError(f"{mountpoint} is already a mount point")
+                    f"{path} is already mounted ({what}) by a stopped daemon (pid "
+                    f"{daemon.pid}); resume it with `kill -CONT {daemon.pid}`, or detach it "
+                    f"with `qedfuse umount --lazy {path}`"
+                )
+            raise MountError(f"{path} is already mounted ({what}) by daemon pid {daemon.pid}")
+        if entry.is_fuse:
+            answer = _probe("listdir", path, PROBE_TIMEOUT_S)  # stat may answer from a cache
+            if answer is not None and answer[0] in (errno.ENOTCONN, errno.ECONNABORTED):
+                raise MountError(
+                    f"{path} is a stale mount (its daemon is gone); clean it up with: "
+                    f"qedfuse umount {path}"
+                )
+            if answer is None:
+                raise MountError(
+                    f"{path} is already mounted ({what}) and does not answer; detach it with "
+                    f"`qedfuse umount --lazy {path}` (or `umount -l {path}`)"
+                )
+        raise MountError(f"{path} is already mounted ({what})")
+    if target.kind == "unknown":
+        raise MountError(f"mount point {path}: a FUSE mount on the way does not answer")
+    if target.kind == "missing":
+        raise MountError(f"mount point {path} does not exist")
+    within = target.within
+    if within is not None and within.is_fuse:
+        answer = _probe("stat", path, PROBE_TIMEOUT_S)
+    else:
+        answer = _direct("stat", path)
+    if answer is None:
+        raise MountError(f"mount point {path}: a FUSE mount on the way does not answer")
+    if answer[0] == errno.ENOENT:
+        raise MountError(f"mount point {path} does not exist")
+    if answer[0] != 0:
+        raise MountError(f"mount point {path}: {os.strerror(answer[0])}")
+    if answer[1] != b"d":
+        raise MountError(f"mount point {path} is not a directory")
+    return path
 
 
 # ---------------------------------------------------------------------------- mount_main
@@ -283,8 +524,7 @@ def _build_config(ns: argparse.Namespace) -> MountConfig:
         # (libfuse >= 3.3 serves it); there is no directory to check.
         mountpoint = ns.mountpoint
     else:
-        mountpoint = os.path.abspath(ns.mountpoint)
-        _check_mountpoint(mountpoint)
+        mountpoint = _check_mountpoint(ns.mountpoint)
     if ns.mount8_ns:
         log.warning("ignoring -N %s: qedfuse mounts in its own mount namespace", ns.mount8_ns)
     systemd = bool(ns.systemd)
@@ -394,7 +634,8 @@ def _detach_leftover(mountpoint: str) -> None:
     """Belt and braces: a failed start must leave nothing mounted."""
     entry = mount_entry(mountpoint)
     if entry is not None and entry.fstype == _FSTYPE:
-        _fusermount(["-uz", mountpoint])
+        with contextlib.suppress(MountError):
+            _fusermount(["-uz", mountpoint])
 
 
 class _Reporter:
@@ -612,7 +853,6 @@ async def _serve_mounted(
             with contextlib.suppress(Exception):
                 fuse_close(unmount=True)
             _detach_if_still_mounted(cfg.mountpoint, state.mount_device)
-            _unregister(state.registry_path)
             if state.served:
                 log.info("unmounted %s; flushing the image", cfg.mountpoint)
     except BaseException as exc:  # start-up or main() failed: still flush the image below
@@ -630,6 +870,7 @@ async def _serve_mounted(
             code = max(code, await _close_image(image, quiet=not state.served))
             if cfg.pidfile is not None:
                 _remove_pidfile(cfg.pidfile)
+            _unregister(state.registry_path)  # only now: `umount --wait` waits for the flush
     if not reporter.done:
         reporter.fail(failure or "the mount ended before it was ready")
     return code
@@ -789,7 +1030,10 @@ def _detach_if_still_mounted(mountpoint: str, device: str | None) -> None:
 # ---------------------------------------------------------------------------- registry
 # The daemon's pid is published in a small file keyed by the mount's device number, not as an
 # xattr: answering getxattr at all makes the kernel ask for security.capability before every
-# WRITE (one extra round trip per write); replying ENOSYS once turns that off.
+# WRITE (one extra round trip per write); replying ENOSYS once turns that off.  The file also
+# carries the daemon's pid in its name and lives until the daemon exits, after the unmount and
+# the final flush: `umount --wait` after a plain `umount` still finds the daemon, and a new
+# mount that gets the same device number meanwhile has a record of its own.
 
 
 def _registry_dirs() -> list[str]:
@@ -803,8 +1047,12 @@ def _registry_dirs() -> list[str]:
     return [own, "/run/qedfuse"]
 
 
-def _registry_file(directory: str, device: str) -> str:
-    return os.path.join(directory, f"mount-{device.replace(':', '-')}.json")
+def _device_key(device: str) -> str:
+    return device.replace(":", "-")
+
+
+def _registry_file(directory: str, device: str, pid: int) -> str:
+    return os.path.join(directory, f"mount-{_device_key(device)}-{pid}.json")
 
 
 def _register(device: str, mountpoint: str, image: str) -> str | None:
@@ -815,6 +1063,7 @@ def _register(device: str, mountpoint: str, image: str) -> str | None:
         "start": _proc_start_time(os.getpid()),
         "mountpoint": mountpoint,
         "image": image,
+        "device": device,
     }
     try:
         os.makedirs(directory, mode=0o700, exist_ok=True)
@@ -822,7 +1071,7 @@ def _register(device: str, mountpoint: str, image: str) -> str | None:
         if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
             raise OSError(errno.EPERM, f"{directory} is not a directory owned by us")
         _prune_registry(directory)
-        path = _registry_file(directory, device)
+        path = _registry_file(directory, device, os.getpid())
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(record, f)
@@ -833,16 +1082,36 @@ def _register(device: str, mountpoint: str, image: str) -> str | None:
     return path
 
 
-def _read_record(path: str) -> tuple[int, dict[str, object]] | None:
-    """(pid, record) of a registry file whose daemon is still alive, else None."""
+@dataclass(frozen=True, slots=True)
+class Daemon:
+    """A live qedfuse daemon as its registry record describes it."""
+
+    pid: int
+    start: str  # /proc/PID/stat start time: tells it from a later process with the same pid
+    mountpoint: str
+    image: str
+    device: str
+
+    def alive(self) -> bool:
+        return _proc_start_time(self.pid) == self.start
+
+
+def _read_record(path: str) -> Daemon | None:
+    """The daemon a registry file describes, if it is still alive, else None."""
     try:
         with open(path, encoding="utf-8") as f:
             record = json.load(f)
         pid = int(record["pid"])
-    except (OSError, ValueError, KeyError, TypeError):
+        found = Daemon(
+            pid,
+            str(record["start"]),
+            str(record["mountpoint"]),
+            str(record.get("image", "")),
+            str(record.get("device", "")),
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    start = _proc_start_time(pid)
-    return (pid, record) if start is not None and start == record.get("start") else None
+    return found if found.alive() else None
 
 
 def _prune_registry(directory: str) -> None:
@@ -859,27 +1128,75 @@ def _unregister(path: str | None) -> None:
             os.unlink(path)
 
 
-def find_daemon(mountpoint: str) -> tuple[int, str] | None:
-    """(pid, image) of the live daemon serving ``mountpoint``, or None."""
-    mountpoint = os.path.abspath(mountpoint)
-    entry = mount_entry(mountpoint)
-    if entry is None or entry.fstype != _FSTYPE:
-        return None
+def _live_daemons() -> list[Daemon]:
+    """Every registered daemon still running (also those already unmounted and flushing)."""
+    found: dict[int, Daemon] = {}
     for directory in _registry_dirs():
-        found = _read_record(_registry_file(directory, entry.device))
-        if found is not None and found[1].get("mountpoint") == mountpoint:
-            return found[0], str(found[1].get("image", entry.source))
-    return None
+        for path in sorted(glob.glob(os.path.join(directory, "mount-*.json"))):
+            daemon = _read_record(path)
+            if daemon is not None:
+                found.setdefault(daemon.pid, daemon)
+    return sorted(found.values(), key=lambda d: int(d.start) if d.start.isdigit() else 0)
+
+
+def daemon_for(entry: MountEntry) -> Daemon | None:
+    """The live daemon serving the mount ``entry`` (the newest, if a device was reused)."""
+    if entry.fstype != _FSTYPE:
+        return None
+    matching = [
+        d
+        for d in _live_daemons()
+        if d.mountpoint == entry.mountpoint and d.device in ("", entry.device)
+    ]
+    return matching[-1] if matching else None
+
+
+def find_daemon(mountpoint: str) -> tuple[int, str] | None:
+    """(pid, image) of the live daemon serving ``mountpoint`` (any path naming it), or None."""
+    entry = resolve_path(mountpoint).mount
+    daemon = daemon_for(entry) if entry is not None else None
+    return (daemon.pid, daemon.image or entry.source) if daemon and entry else None
+
+
+def _is_stopped(pid: int) -> bool:
+    """True if ``pid`` is stopped (SIGSTOP, Ctrl-Z) or traced: it answers nothing."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return False
+    return text[text.rfind(")") + 2 :][:1] in ("T", "t")
 
 
 # ---------------------------------------------------------------------------- umount
 
 
-def _fusermount(args: list[str]) -> subprocess.CompletedProcess[str]:
+def _fusermount(
+    args: list[str], timeout: float = PROBE_TIMEOUT_S
+) -> subprocess.CompletedProcess[str]:
+    """Run fusermount3, killed after ``timeout`` seconds (MountError then).
+
+    As root it only resolves the parent directory and calls umount2 on the last component;
+    it never stats the mount's root.  The bound is for what it might do elsewhere.
+    """
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
     if tool is None:
         raise MountError("fusermount3 not found (install the fuse3 package)")
-    return subprocess.run([tool, *args], capture_output=True, text=True, check=False)
+    proc = subprocess.Popen(
+        [tool, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        out, err = proc.communicate(timeout=max(timeout, 0.1))
+    except subprocess.TimeoutExpired:
+        proc.kill()  # a process stuck in a FUSE request dies at SIGKILL; do not wait for it
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.communicate(timeout=0.5)
+        target = args[-1]
+        raise MountError(
+            f"fusermount3 {' '.join(args[:-1])} {target} did not finish within "
+            f"{max(timeout, 0.1):g} s; try `umount -l {target}`"
+        ) from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def _proc_start_time(pid: int) -> str | None:
@@ -895,30 +1212,52 @@ def _proc_start_time(pid: int) -> str | None:
     return fields[19]
 
 
-def _holders(mountpoint: str) -> list[str]:
-    """Processes and loop devices using the mount (best effort)."""
+def _uses_mount(pid: str, entry: MountEntry, maps_device: str) -> bool:
+    """Whether process ``pid`` has a file, mapping, cwd or root in the mount (from /proc only:
+    fdinfo's mnt_id, maps' device; nothing here asks the mount itself)."""
+    prefix = entry.mountpoint.rstrip("/") + "/"
+    for link in ("cwd", "root"):
+        with contextlib.suppress(OSError):
+            where = os.readlink(f"/proc/{pid}/{link}")
+            if where == entry.mountpoint or where.startswith(prefix):
+                return True
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                for line in f:
+                    if line.startswith("mnt_id:"):
+                        if int(line.split()[1]) == entry.mount_id:
+                            return True
+                        break
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            fields = line.split(None, 5)
+            if len(fields) >= 4 and fields[3] == maps_device:
+                return True
+    return False
+
+
+def _holders(entry: MountEntry) -> list[str]:
+    """Processes and loop devices using the mount (best effort, from /proc and /sys)."""
     found: list[str] = []
-    fuser = shutil.which("fuser") or next(
-        (p for p in ("/usr/bin/fuser", "/bin/fuser") if os.path.exists(p)), None
+    major, _, minor = entry.device.partition(":")
+    maps_device = (
+        f"{int(major):02x}:{int(minor):02x}" if major.isdigit() and minor.isdigit() else ""
     )
-    if fuser is not None:
+    try:
+        pids = sorted((p for p in os.listdir("/proc") if p.isdigit()), key=int)
+    except OSError:
+        pids = []
+    for pid in pids:
+        if int(pid) == os.getpid() or not _uses_mount(pid, entry, maps_device):
+            continue
         try:
-            cp = subprocess.run(
-                [fuser, "-m", mountpoint], capture_output=True, text=True, timeout=10, check=False
-            )
-            for token in cp.stdout.split():
-                pid = "".join(ch for ch in token if ch.isdigit())
-                if not pid or int(pid) == os.getpid():
-                    continue
-                try:
-                    with open(f"/proc/{pid}/comm", encoding="utf-8") as f:
-                        comm = f.read().strip()
-                except OSError:
-                    comm = "?"
-                found.append(f"pid {pid} ({comm})")
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-    prefix = mountpoint.rstrip("/") + "/"
+            with open(f"/proc/{pid}/comm", encoding="utf-8") as f:
+                comm = f.read().strip()
+        except OSError:
+            comm = "?"
+        found.append(f"pid {pid} ({comm})")
+    prefix = entry.mountpoint.rstrip("/") + "/"
     try:
         loops = sorted(os.listdir("/sys/block"))
     except OSError:
@@ -960,86 +1299,180 @@ def umount_main(ns: argparse.Namespace) -> int:
         return EXIT_FAILURE
 
 
+def _process_age() -> float:
+    """Seconds since this process started (interpreter start-up and imports included)."""
+    start = _proc_start_time(os.getpid())
+    try:
+        ticks = os.sysconf("SC_CLK_TCK")
+        return max(time.clock_gettime(time.CLOCK_BOOTTIME) - int(start or "") / ticks, 0.0)
+    except (ValueError, OSError):
+        return 0.0
+
+
+def _resume_hint(pid: int) -> str:
+    return f"resume it with `kill -CONT {pid}` (it then flushes the image and exits)"
+
+
 def _umount(ns: argparse.Namespace) -> int:
-    mountpoint = os.path.abspath(ns.mountpoint)
-    entry = mount_entry(mountpoint)
+    # Everything counts against --timeout, from the moment this process started.
+    deadline = time.monotonic() - _process_age() + max(float(ns.timeout), 0.0)
+
+    def left(cap: float = float("inf")) -> float:
+        return max(min(deadline - time.monotonic(), cap), 0.1)
+
+    target = resolve_path(ns.mountpoint, time.monotonic() + left(PROBE_TIMEOUT_S))
+    mountpoint, entry = target.path, target.mount
+    serving = daemon_for(entry) if entry is not None else None
+    # daemons unmounted from here (a plain umount, an external one) that are still flushing
+    flushing = [d for d in _live_daemons() if d.mountpoint == mountpoint and d != serving]
     if entry is None:
-        raise MountError(f"{mountpoint} is not mounted")
+        if flushing and ns.wait:
+            return _wait_for(flushing, deadline, ns.timeout)
+        hint = ""
+        if flushing:
+            pids = ", ".join(str(d.pid) for d in flushing)
+            hint = (
+                f"; its daemon (pid {pids}) is still flushing the image: "
+                f"`qedfuse umount --wait {mountpoint}` waits for it"
+            )
+        raise MountError(f"{mountpoint} is not mounted{hint}")
     if entry.fstype != _FSTYPE:
         raise MountError(f"{mountpoint} is not a qedfuse mount (it is {entry.fstype})")
-    pid: int | None = None
-    image: str | None = None
-    try:
-        os.listdir(mountpoint)  # is the daemon alive? (stat could answer from the cache)
-        found = find_daemon(mountpoint)
-        if found is not None:
-            pid, image = found
-    except OSError as exc:
-        if exc.errno in (errno.ENOTCONN, errno.ECONNABORTED):
-            cp = _fusermount(["-uz", mountpoint])
-            if cp.returncode != 0:
-                raise MountError(
-                    f"{mountpoint} is a stale mount and fusermount3 -uz failed: {cp.stderr.strip()}"
-                ) from None
-            print(
-                f"qedfuse: {mountpoint} was a stale mount (its daemon had died); detached it. "
-                f"The image may have NEED_CHECK set: its next read-write open repairs it, or "
-                f"run `qedfuse check -r all {entry.source}`",
-                file=sys.stderr,
+    if serving is None:
+        # No live daemon is registered: dead (SIGKILL), or unknown.  Ask the kernel, bounded.
+        answer = _probe("listdir", mountpoint, left(PROBE_TIMEOUT_S))
+        if answer is not None and answer[0] in (errno.ENOTCONN, errno.ECONNABORTED):
+            return _detach_stale(mountpoint, entry, left())
+        if answer is None and not ns.lazy:
+            raise MountError(
+                f"{mountpoint} does not answer and no running qedfuse daemon is registered for "
+                f"it; detach it with `qedfuse umount --lazy {mountpoint}` (or `umount -l "
+                f"{mountpoint}`)"
             )
-            return EXIT_OK
-        log.debug("cannot list %s: %s", mountpoint, exc)
-    start_time = _proc_start_time(pid) if pid is not None else None
-    cp = _fusermount(["-uz" if ns.lazy else "-u", mountpoint])
+    stopped = serving is not None and _is_stopped(serving.pid)
+    cp = _fusermount(["-uz" if ns.lazy else "-u", mountpoint], left())
     if cp.returncode != 0:
         text = cp.stderr.strip()
         if "busy" in text.lower():
-            holders = _holders(mountpoint)
+            holders = _holders(entry)
             who = f" (in use by: {', '.join(holders)})" if holders else ""
+            pause = ""
+            if stopped and serving is not None:
+                pause = f"; its daemon (pid {serving.pid}) is stopped: {_resume_hint(serving.pid)}"
             raise MountError(
                 f"{mountpoint} is busy{who}; close them, or use --lazy to detach it now and "
-                "let the daemon finish when the last user is done"
+                f"let the daemon finish when the last user is done{pause}"
             )
         raise MountError(f"unmounting {mountpoint} failed: {' '.join(text.splitlines())}")
     if ns.lazy:
         log.info("lazily detached %s; the daemon ends when its last user closes it", mountpoint)
     if not ns.wait:
+        if stopped and serving is not None:
+            print(
+                f"qedfuse: unmounted {mountpoint}, but its daemon (pid {serving.pid}) is "
+                f"stopped; {_resume_hint(serving.pid)}",
+                file=sys.stderr,
+            )
         return EXIT_OK
-    if pid is None or start_time is None:
+    if serving is None:
         print(
             f"qedfuse: cannot tell which process serves {mountpoint}; not waiting",
             file=sys.stderr,
         )
         return EXIT_FAILURE
-    deadline = time.monotonic() + ns.timeout
-    delay = 0.01
-    while _proc_start_time(pid) == start_time:
-        if time.monotonic() >= deadline:
-            print(
-                f"qedfuse: the daemon (pid {pid}) is still running after {ns.timeout:g} s "
-                "(still flushing, or held open after --lazy); not waiting any longer",
-                file=sys.stderr,
-            )
-            return EXIT_FAILURE
-        time.sleep(delay)
-        delay = min(delay * 2, 0.2)
-    if image is not None and _image_needs_check(image):
-        print(
-            f"qedfuse: the daemon exited but left NEED_CHECK set on {image}; its next "
-            f"read-write open repairs it (or run `qedfuse check -r all {image}`)",
-            file=sys.stderr,
+    return _wait_for([serving, *flushing], deadline, ns.timeout)
+
+
+def _detach_stale(mountpoint: str, entry: MountEntry, timeout: float) -> int:
+    cp = _fusermount(["-uz", mountpoint], timeout)
+    if cp.returncode != 0:
+        raise MountError(
+            f"{mountpoint} is a stale mount and fusermount3 -uz failed: {cp.stderr.strip()}"
         )
-        return EXIT_FAILURE
+    print(
+        f"qedfuse: {mountpoint} was a stale mount (its daemon had died); detached it. "
+        f"The image may have NEED_CHECK set: its next read-write open repairs it, or "
+        f"run `qedfuse check -r all {entry.source}`",
+        file=sys.stderr,
+    )
     return EXIT_OK
 
 
+def _wait_for(daemons: list[Daemon], deadline: float, timeout: float) -> int:
+    """Wait until every one of ``daemons`` has exited, then report NEED_CHECK left set."""
+    delay = 0.01
+    while alive := [d for d in daemons if d.alive()]:
+        now = time.monotonic()
+        if now >= deadline:
+            pid = alive[0].pid
+            if _is_stopped(pid):
+                message = (
+                    f"the daemon (pid {pid}) is stopped (SIGSTOP or Ctrl-Z) and was still "
+                    f"running after {timeout:g} s; {_resume_hint(pid)}"
+                )
+            else:
+                message = (
+                    f"the daemon (pid {pid}) is still running after {timeout:g} s (still "
+                    "flushing, or held open after --lazy); not waiting any longer"
+                )
+            print(f"qedfuse: {message}", file=sys.stderr)
+            return EXIT_FAILURE
+        time.sleep(min(delay, deadline - now))
+        delay = min(delay * 2, 0.2)
+    for daemon in daemons:
+        if daemon.image and _image_needs_check(daemon.image):
+            print(
+                f"qedfuse: the daemon exited but left NEED_CHECK set on {daemon.image}; its "
+                f"next read-write open repairs it (or run `qedfuse check -r all {daemon.image}`)",
+                file=sys.stderr,
+            )
+            return EXIT_FAILURE
+    return EXIT_OK
+
+
+def mount_state(path: str) -> tuple[str, str]:
+    """(state, physical path) of ``path`` without waiting on its daemon.
+
+    state: ``none`` (nothing mounted there), ``serving PID``, ``stopped PID`` (SIGSTOP),
+    ``stale`` (the daemon died), ``unanswering`` (a FUSE mount that does not answer and has no
+    registered daemon), or ``other FSTYPE``.
+    """
+    target = resolve_path(path)
+    entry = target.mount
+    if entry is None:
+        return "none", target.path
+    daemon = daemon_for(entry)
+    if daemon is not None:
+        return f"{'stopped' if _is_stopped(daemon.pid) else 'serving'} {daemon.pid}", target.path
+    if not entry.is_fuse:
+        return f"other {entry.fstype}", target.path
+    answer = _probe("listdir", target.path, PROBE_TIMEOUT_S)
+    if answer is None:
+        return "unanswering", target.path
+    if answer[0] in (errno.ENOTCONN, errno.ECONNABORTED):
+        return "stale", target.path
+    return ("serving ?" if entry.fstype == _FSTYPE else f"other {entry.fstype}"), target.path
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry point (``python -m qedfuse.mount mount|umount …``) for debugging."""
+    """Stand-alone entry point (``python -m qedfuse.mount mount|umount|state …``).
+
+    ``state MOUNTPOINT`` prints :func:`mount_state`'s two lines (``make run`` uses it).
+    """
     parser = argparse.ArgumentParser(prog="qedfuse")
     sub = parser.add_subparsers(dest="command", required=True)
     configure_mount_parser(sub.add_parser("mount"))
     configure_umount_parser(sub.add_parser("umount"))
+    sub.add_parser("state").add_argument("mountpoint")
     ns = parser.parse_args(argv)
+    if ns.command == "state":
+        try:
+            state, physical = mount_state(ns.mountpoint)
+        except MountError as exc:
+            print(f"qedfuse: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+        print(f"{state}\n{physical}")
+        return EXIT_OK
     handler: Callable[[argparse.Namespace], int] = (
         mount_main if ns.command == "mount" else umount_main
     )
