@@ -380,11 +380,16 @@ def resolve_path(path: str, deadline: float | None = None) -> ResolvedPath:
     while todo:
         name = todo.pop()
         if name in ("", "."):
+            if kind == "file":
+                kind = "missing"  # "file/" and "file/." are ENOTDIR
             continue
         if name == "..":
             if len(stack) > 1:
                 stack.pop()
-            kind = "mount" if stack[-1][2] and stack[-1][1] is not None else "dir"
+            if kind in ("dir", "mount"):
+                kind = "mount" if stack[-1][2] and stack[-1][1] is not None else "dir"
+            elif kind == "file":
+                kind = "missing"
             continue
         parent_path, parent_mount, _ = stack[-1]
         candidate = os.path.join(parent_path, name)

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pytest
 from fusehelpers import QEDFUSE, Mounted, mount_entry, mounted, need_check, pid_alive, wait_until
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from qedfuse import mount as qmount
 from support import check_ok, require_tool, run
@@ -186,6 +188,47 @@ def test_resolve_path_gives_one_identity(
     missing = qmount.resolve_path(f"{tmp_path}/lnk/nothing/../x")
     assert missing.kind == "missing"
     assert missing.path == os.path.join(os.path.realpath(tmp_path), "real dir", "x")
+
+
+_TOKENS = ["d1", "d2", "f", "up", "rel", "abs", "chain", "dot", "gone", "nope", ".", "..", ""]
+
+
+@pytest.fixture(scope="module")
+def link_farm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Directories, a file, and symlinks of every shape (relative, absolute, chained,
+    dangling, to '..', to '.') for random paths to wander through."""
+    base = tmp_path_factory.mktemp("farm")
+    for d in ("d1", "d1/d2", "d2", "d2/d1"):
+        (base / d).mkdir()
+    (base / "f").write_text("x")
+    for where in (base, base / "d1", base / "d2", base / "d1" / "d2"):
+        (where / "up").symlink_to("..")
+        (where / "rel").symlink_to("d2" if where == base else "../d1")
+        (where / "abs").symlink_to(base / "d2" / "d1")
+        (where / "chain").symlink_to("rel")
+        (where / "dot").symlink_to(".")
+        (where / "gone").symlink_to("nowhere/at/all")
+    return base
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.lists(st.sampled_from(_TOKENS), min_size=1, max_size=8), st.booleans())
+def test_resolve_path_agrees_with_the_kernel(
+    link_farm: Path, tokens: list[str], slash: bool
+) -> None:
+    """Outside any mount, resolve_path finds what the kernel finds: random walks through a
+    link farm (realpath is the oracle for paths the kernel resolves)."""
+    path = str(link_farm) + "/" + "/".join(tokens) + ("/" if slash else "")
+    got = qmount.resolve_path(path)
+    if got.kind == "missing":  # the kernel fails such a path: only the verdict must agree
+        assert not os.path.exists(path), path
+    else:
+        assert got.path == os.path.realpath(path), path
+        kind = "mount" if got.mount is not None else "dir" if os.path.isdir(path) else "file"
+        assert got.kind == kind, (path, got)
+        assert (got.mount is not None) == os.path.ismount(path), (path, got)
 
 
 def test_resolve_path_symlink_loop(tmp_path: Path) -> None:
