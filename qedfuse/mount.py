@@ -2,8 +2,8 @@
 
 Mount
 -----
-The parent parses ``-o`` and checks the mount point (absolute, an existing directory, not
-already a mount point).  Without ``-f`` it then forks *before* any ``trio.run`` (forking a
+The parent parses ``-o`` and checks the mount point (resolved to its physical path by
+:func:`resolve_path`, an existing directory, not already a mount point per mountinfo).  Without ``-f`` it then forks *before* any ``trio.run`` (forking a
 running trio loop is unsupported) and waits on a pipe; the child calls ``setsid()`` and runs
 :func:`_serve` in ``trio.run``:
 

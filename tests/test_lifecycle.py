@@ -114,6 +114,26 @@ def _no_trouble(m: Mounted) -> None:
     assert "CRITICAL" not in log, log
 
 
+@contextlib.contextmanager
+def _cleanup(physical: str) -> Iterator[None]:
+    """Whatever happens inside, leave nothing mounted at ``physical`` and no daemon behind
+    (only the daemon that mountinfo and the registry tie to this very mount point)."""
+    entry = qmount.mount_entry(physical)
+    daemon = qmount.daemon_for(entry) if entry is not None else None
+    try:
+        yield
+    finally:
+        if qmount.mount_entry(physical) is not None:
+            run(["fusermount3", "-uz", physical], timeout=30)
+        if daemon is not None and daemon.alive():
+            with contextlib.suppress(OSError):
+                os.kill(daemon.pid, signal.SIGCONT)
+            with contextlib.suppress(AssertionError):
+                wait_until(lambda: not daemon.alive(), 30, f"pid {daemon.pid} to exit")
+            if daemon.alive():
+                os.kill(daemon.pid, signal.SIGKILL)
+
+
 def _sleeping(pid: int) -> bool:
     """True while ``pid`` sits in a sleep (the --wait poll loop), not in start-up work."""
     try:
@@ -273,19 +293,20 @@ def test_umount_wait_through_any_path(tmp_path: Path, leaf: str) -> None:
     physical = os.path.realpath(tmp_path / "real dir" / leaf)
     for i, (via_mount, via_umount) in enumerate(zip(variants[::3], variants[::-3], strict=False)):
         check_ok(run([QEDFUSE, "mount", image, via_mount]))
-        entry = qmount.mount_entry(physical)
-        assert entry is not None, (i, via_mount)
-        assert entry.fstype == "fuse.qedfuse", (i, via_mount)
-        found = qmount.find_daemon(via_umount)
-        assert found is not None, via_umount
-        pid = found[0]
-        with open(os.path.join(physical, "disk.raw"), "r+b") as f:
-            f.write(b"x" * 4096)
-        cp = check_ok(run([QEDFUSE, "umount", "--wait", via_umount], timeout=60))
-        assert cp.stderr == ""
-        assert not pid_alive(pid), (via_mount, via_umount)
-        assert qmount.mount_entry(physical) is None
-        assert not need_check(image)
+        with _cleanup(physical):
+            entry = qmount.mount_entry(physical)
+            assert entry is not None, (i, via_mount)
+            assert entry.fstype == "fuse.qedfuse", (i, via_mount)
+            found = qmount.find_daemon(via_umount)
+            assert found is not None, via_umount
+            pid = found[0]
+            with open(os.path.join(physical, "disk.raw"), "r+b") as f:
+                f.write(b"x" * 4096)
+            cp = check_ok(run([QEDFUSE, "umount", "--wait", via_umount], timeout=60))
+            assert cp.stderr == ""
+            assert not pid_alive(pid), (via_mount, via_umount)
+            assert qmount.mount_entry(physical) is None
+            assert not need_check(image)
 
 
 @pytest.mark.fuse
@@ -543,5 +564,6 @@ def test_make_run_never_stats_a_stopped_mount(tmp_path: Path, paused: Pause) -> 
             assert cp.returncode != 0
             assert f"kill -CONT {pid}" in cp.stderr
     finally:
-        run([QEDFUSE, "umount", "--wait", mnt], timeout=60)
+        with _cleanup(physical):
+            run([QEDFUSE, "umount", "--wait", mnt], timeout=60)
     assert not pid_alive(pid)
