@@ -3,9 +3,10 @@
 Mount
 -----
 The parent parses ``-o`` and checks the mount point (resolved to its physical path by
-:func:`resolve_path`, an existing directory, not already a mount point per mountinfo).  Without ``-f`` it then forks *before* any ``trio.run`` (forking a
-running trio loop is unsupported) and waits on a pipe; the child calls ``setsid()`` and runs
-:func:`_serve` in ``trio.run``:
+:func:`resolve_path`, an existing directory, not already a mount point per mountinfo).
+Without ``-f`` it then forks *before* any ``trio.run`` (forking a running trio loop is
+unsupported) and waits on a pipe; the child calls ``setsid()`` and runs :func:`_serve` in
+``trio.run``:
 
 1. create the ``--overlay`` image if asked, open the image and its backing chain (taking
    QEMU's lock bytes), ``pyfuse3.init()`` (the mount now exists);
