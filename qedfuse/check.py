@@ -22,7 +22,9 @@ QEMU, whose driver only sees a "repair" flag, any repair mode also fixes corrupt
 * invalid or overlapping L1 entries and invalid L2 entries are set to 0 (that guest range
   then reads as unallocated: backing data or zeros);
 * each extra reference to a duplicated data cluster gets its own copy of the cluster, so
-  every guest cluster keeps reading what it read before;
+  every guest cluster keeps reading what it read before (``duplicates="copy"``, the
+  default), or is set to 0 (``duplicates="unmap"``: the first reference met, in L1 then L2
+  order, keeps the cluster; the others read as unallocated);
 * leaked clusters at the end of the file are reclaimed by truncating the file just past the
   last used cluster (a partial trailing cluster goes too); interior leaks stay (QED cannot
   reuse space) and are still reported;
@@ -44,6 +46,17 @@ Deliberate differences from QEMU (each is a QEMU bug or limitation):
 * trailing leaks are reclaimed (QEMU never reclaims leaks);
 * header cluster 0 is never a leak, even with ``header_size == 0``.
 
+Bounded repair (the copies are the only repair that takes space): a repair first walks the
+image without writing (the survey pass) and counts the duplicate references.  Their copies
+need ``n * cluster_size`` bytes, which must fit in ``max_copy_bytes`` (default
+:data:`DEFAULT_MAX_COPY_BYTES`), in :data:`MAX_DUPLICATE_REPAIRS` references, and, for an
+image in a regular file, in the space ``fstatvfs`` shows as available to us, less
+:data:`FREE_SPACE_RESERVE`.  Otherwise :class:`RepairLimitError` is raised before anything
+is written: the image is exactly as it was, and the message says what to do (unmap the
+duplicates instead, raise the limit, or free space).  A copy that still fails (another
+writer took the space) is cut off again before any entry points at it.  So a tiny hostile
+image with one cluster referenced 5,000 times cannot make a repair fill the disk.
+
 Crash safety: before the first repair write, NEED_CHECK is set durably if it was clear.
 Repairs then run in phases, each ending with ``fdatasync``: zero invalid entries (L1, L2);
 truncate trailing leaks; write the copies of duplicated clusters; point the duplicate
@@ -54,17 +67,20 @@ turn such an entry into a valid-looking reference to a copy.
 
 Bounded resources: one bit per file cluster (refused above 2**31 clusters), one table
 (at most :data:`~qedfuse.format.MAX_TABLE_SIZE`) in memory at a time, at most
-:data:`MAX_DUPLICATE_REPAIRS` duplicates remembered (and copies adding at most as many
-clusters as the file had, or :data:`DUPLICATE_REPAIR_FLOOR`; the rest stay corruptions),
-at most :data:`MAX_MESSAGES` messages.
+:data:`MAX_DUPLICATE_REPAIRS` duplicates remembered (24 bytes each), one
+:data:`_COPY_CHUNK` of cluster data at a time, at most :data:`MAX_MESSAGES` messages.
 """
 
 from __future__ import annotations
 
+import errno
 import mmap
+import os
+import shlex
+import stat
 from array import array
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Literal
 
 import trio
 
@@ -80,15 +96,39 @@ if TYPE_CHECKING:
 MAX_CLUSTERS: Final = 2**31
 #: Cap on recorded findings; further ones are counted but not described.
 MAX_MESSAGES: Final = 1000
-#: Cap on duplicate references repaired in one run (each costs one new cluster and 24
-#: bytes of memory until it is repaired).
+#: Cap on duplicate references copied in one run (each costs one new cluster and 24
+#: bytes of memory until it is repaired); past it the repair is refused.
 MAX_DUPLICATE_REPAIRS: Final = 1 << 20
-#: Copies may add as many clusters as the file had, or this many, whichever is more: a
-#: hostile table full of one offset cannot make a repair fill the disk.
-DUPLICATE_REPAIR_FLOOR: Final = 4096
+#: Default cap on the bytes that copies of duplicated clusters may add to the file.
+DEFAULT_MAX_COPY_BYTES: Final = 1 << 30
+#: Bytes of the image filesystem's available space that copies must leave free.
+FREE_SPACE_RESERVE: Final = 16 << 20
+
+#: How a repair resolves a cluster referenced by several L2 entries.
+DuplicateMode = Literal["copy", "unmap"]
+DUPLICATE_MODES: Final = ("copy", "unmap")
 
 _REPAIR_MODES: Final = {"leaks", "all"}
 _CHUNK: Final = 1 << 16  # bitmap bytes handled at once when counting
+_COPY_CHUNK: Final = 1 << 20  # bytes of a cluster copied at once
+
+
+class RepairLimitError(QedError):
+    """A repair would need more space than it may take; nothing was written."""
+
+    errno = errno.ENOSPC
+
+
+def _human(size: int) -> str:
+    """``1.5 GiB``-style size for messages (exact bytes for small ones)."""
+    value = float(size)
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if value < 1024 or unit == "PiB":
+            if unit == "bytes":
+                return f"{size} bytes"
+            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
 
 
 def _zeroed_bitmap(n_bytes: int) -> bytearray | mmap.mmap:
@@ -236,9 +276,18 @@ class _Pass:
     """One walk over the image's metadata, optionally repairing what it finds."""
 
     def __init__(
-        self, file: BlockFile, header: fmt.Header, geometry: fmt.Geometry, file_size: int
+        self,
+        file: BlockFile,
+        header: fmt.Header,
+        geometry: fmt.Geometry,
+        file_size: int,
+        *,
+        duplicates: DuplicateMode = "copy",
+        max_copies: int = 0,
     ) -> None:
         self.file = file
+        self.duplicate_mode = duplicates
+        self.max_copies = max_copies  # duplicate references this repair may copy
         self.header = header
         self.geo = geometry
         self.file_size = file_size
@@ -262,6 +311,8 @@ class _Pass:
         # (table offset, entry index, cluster offset) of every duplicate reference to repair.
         self._duplicates = array("Q")
         self._n_duplicates = 0
+        self.n_duplicate_refs = 0  # every extra reference to an already referenced cluster
+        self.truncatable = False  # a repair would truncate the file (trailing leaks)
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -433,9 +484,13 @@ class _Pass:
                     continue
                 owner = self._owner(cluster)
                 if owner is None:
-                    self._duplicate(table_offset, l1_index, l2_index, offset, repair=repair)
-                    continue
-                problem = f"offset {offset:#x} points into {owner}"
+                    self.n_duplicate_refs += 1
+                    if not (repair and self.duplicate_mode == "unmap"):
+                        self._duplicate(table_offset, l1_index, l2_index, offset, repair=repair)
+                        continue
+                    problem = f"cluster {offset:#x} is also referenced by another L2 entry"
+                else:
+                    problem = f"offset {offset:#x} points into {owner}"
             else:
                 problem = self._why_not_cluster(offset)
             where = (
@@ -461,14 +516,13 @@ class _Pass:
             f"(guest offset {self._guest_pos(l1_index, l2_index):#x})"
         )
         problem = f"cluster {offset:#x} is also referenced by another L2 entry"
-        limit = min(MAX_DUPLICATE_REPAIRS, max(self.n_clusters, DUPLICATE_REPAIR_FLOOR))
-        if repair and self._n_duplicates < limit:
+        if repair and self._n_duplicates < min(self.max_copies, MAX_DUPLICATE_REPAIRS):
             self._duplicates.extend((table_offset, l2_index, offset))
             self._n_duplicates += 1
             return  # counted and described when repaired
         self.corruptions += 1
         if repair:
-            problem += " (not repaired: too many duplicates for one run)"
+            problem += " (not repaired: more duplicates than the survey counted)"
         self.note(f"{where}: {problem}")
 
     async def _count_leaks(self, *, repair: bool) -> None:
@@ -482,6 +536,7 @@ class _Pass:
         last_used = self._last_used()
         used_end = (last_used + 1) * self.cs
         n_trailing = n - (last_used + 1)
+        self.truncatable = self.file_size > used_end
         self._describe_leaks(last_used + 1, repair=repair)
         if n_trailing:
             suffix = f"; repaired: file truncated to {used_end:#x}" if repair else ""
@@ -546,24 +601,45 @@ class _Pass:
                 + ("; cannot be reclaimed (not at the end of the file)" if repair else "")
             )
 
+    async def _copy_cluster(self, offset: int, new_offset: int) -> None:
+        """Copy one cluster to ``new_offset``, :data:`_COPY_CHUNK` bytes at a time."""
+        for start in range(0, self.cs, _COPY_CHUNK):
+            size = min(_COPY_CHUNK, self.cs - start)
+            await trio.lowlevel.checkpoint()
+            try:
+                data = await self.file.pread(offset + start, size)
+            except OSError as exc:
+                raise _SourceReadError from exc
+            await self._repair_write(new_offset + start, data)
+
     async def _repair_duplicates(self) -> None:
         """Give each extra reference its own copy of the shared cluster."""
         cs = self.cs
         dups = self._duplicates
         copies: dict[int, list[tuple[int, int, int]]] = {}  # table -> [(index, old, new)]
-        for k in range(0, len(dups), 3):
-            table_offset, l2_index, offset = dups[k], dups[k + 1], dups[k + 2]
-            try:
-                data = await self.file.pread(offset, cs)
-            except OSError as exc:
-                self.check_errors += 1
-                self.corruptions += 1
-                self.note(f"cannot read cluster {offset:#x} to copy it: {exc}")
-                continue
-            new_offset = self.alloc_end
-            await self._repair_write(new_offset, data)
-            self.alloc_end += cs
-            copies.setdefault(table_offset, []).append((l2_index, offset, new_offset))
+        copies_start = self.alloc_end
+        try:
+            for k in range(0, len(dups), 3):
+                table_offset, l2_index, offset = dups[k], dups[k + 1], dups[k + 2]
+                new_offset = self.alloc_end
+                try:
+                    await self._copy_cluster(offset, new_offset)
+                except _SourceReadError as exc:
+                    self.check_errors += 1
+                    self.corruptions += 1
+                    self.note(f"cannot read cluster {offset:#x} to copy it: {exc.__cause__}")
+                    continue
+                self.alloc_end += cs
+                copies.setdefault(table_offset, []).append((l2_index, offset, new_offset))
+        except BaseException:
+            # No entry points at a copy yet: cut them off again (they would only be leaks)
+            # so a write that failed for lack of space gives that space back.
+            with trio.CancelScope(shield=True):
+                try:
+                    await self.file.ftruncate(copies_start)
+                except OSError:
+                    pass
+            raise
         if not copies:
             return
         await self.file.fdatasync()
@@ -591,6 +667,10 @@ class _Pass:
         await self.file.fdatasync()
 
 
+class _SourceReadError(Exception):
+    """Reading the cluster to copy failed (the cause is the OSError)."""
+
+
 def _report(first: _Pass, final: _Pass, header: fmt.Header) -> CheckReport:
     cs = header.cluster_size
     return CheckReport(
@@ -609,22 +689,45 @@ def _report(first: _Pass, final: _Pass, header: fmt.Header) -> CheckReport:
     )
 
 
-async def check_image(file: BlockFile, *, repair: bool | str | None = False) -> CheckReport:
+async def check_image(
+    file: BlockFile,
+    *,
+    repair: bool | str | None = False,
+    duplicates: DuplicateMode = "copy",
+    max_copy_bytes: int = DEFAULT_MAX_COPY_BYTES,
+    image_name: str | None = None,
+) -> CheckReport:
     """Check (and with ``repair`` set, repair) the QED image on ``file``.
 
     ``repair``: False/None checks only and never writes; ``True``, ``"all"`` and ``"leaks"``
-    fix corruptions and reclaim trailing leaks (see the module docstring).  Raises
-    :class:`~qedfuse.errors.FormatError` for a header that does not validate, ``OSError`` if
-    the header cannot be read or a repair write fails; I/O errors reading tables are
+    fix corruptions and reclaim trailing leaks (see the module docstring).  ``duplicates``
+    says how a repair resolves a cluster referenced more than once (``"copy"`` or
+    ``"unmap"``); copies may add at most ``max_copy_bytes`` and what the filesystem has
+    free.  ``image_name`` only makes the advice in a refusal name the file.  Raises
+    :class:`RepairLimitError` (nothing written) when the copies do not fit,
+    :class:`~qedfuse.errors.FormatError` for a header that does not validate, ``OSError``
+    if the header cannot be read or a repair write fails; I/O errors reading tables are
     counted in ``check_errors`` instead.
     """
     fixing = _repair_flag(repair)
+    if duplicates not in DUPLICATE_MODES:
+        raise QedError(f"unknown duplicates mode {duplicates!r} (expected 'copy' or 'unmap')")
     if fixing and file.read_only:
         raise ReadOnlyError("cannot repair an image opened read-only")
     header, geometry, file_size = await read_header(file)
+    # Survey: a walk that never writes, so every limit is decided before the first write.
     first = _Pass(file, header, geometry, file_size)
-    await first.run(repair=fixing)
+    await first.run(repair=False)
     final = first
+    if fixing and (first.corruptions or first.truncatable):
+        n_copies = first.n_duplicate_refs if duplicates == "copy" else 0
+        if n_copies:
+            await _check_copy_budget(
+                file, n_copies, geometry.cluster_size, max_copy_bytes, image_name
+            )
+        first = _Pass(file, header, geometry, file_size, duplicates=duplicates, max_copies=n_copies)
+        await first.run(repair=True)
+        final = first
     if fixing and (first.n_writes or first.leaks_fixed or first.file_size != file_size):
         # Double-check the repaired image, as qemu-img check -r does.
         header, geometry, file_size = await read_header(file)
@@ -651,4 +754,73 @@ async def check_image(file: BlockFile, *, repair: bool | str | None = False) -> 
     return _report(first, final, final.header)
 
 
-__all__ = ["MAX_CLUSTERS", "CheckReport", "check_image"]
+async def available_bytes(file: BlockFile) -> int | None:
+    """Bytes the image file may still grow by: ``fstatvfs``'s available space for a regular
+    file, 0 for anything else (a block device cannot grow), None when unknown (no fd)."""
+    fileno = getattr(file, "fileno", None)
+    if fileno is None:
+        return None
+    fd = fileno()
+
+    def probe() -> int:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return 0
+        st = os.fstatvfs(fd)
+        return st.f_bavail * st.f_frsize
+
+    return await trio.to_thread.run_sync(probe)  # statvfs may block (network filesystems)
+
+
+def _file_name(file: BlockFile) -> str | None:
+    """The path the image file was opened by, for advice in messages (Linux /proc)."""
+    fileno = getattr(file, "fileno", None)
+    if fileno is None:
+        return None
+    try:
+        name = os.readlink(f"/proc/self/fd/{fileno()}")
+    except OSError:
+        return None
+    return name if name.startswith("/") and not name.endswith(" (deleted)") else None
+
+
+async def _check_copy_budget(
+    file: BlockFile, n_copies: int, cluster_size: int, max_copy_bytes: int, name: str | None
+) -> None:
+    """Raise :class:`RepairLimitError` unless ``n_copies`` cluster copies may be written."""
+    need = n_copies * cluster_size
+    reasons: list[str] = []
+    if n_copies > MAX_DUPLICATE_REPAIRS:
+        reasons.append(f"more than the {MAX_DUPLICATE_REPAIRS} references one repair copies")
+    if need > max_copy_bytes:
+        reasons.append(f"more than the copy limit of {_human(max_copy_bytes)}")
+    avail = await available_bytes(file)
+    if avail is not None and need + FREE_SPACE_RESERVE > avail:
+        reasons.append(
+            f"more than the {_human(avail)} available on its filesystem"
+            + (f" less a {_human(FREE_SPACE_RESERVE)} reserve" if avail else "")
+        )
+    if not reasons:
+        return
+    image = shlex.quote(name or _file_name(file) or "IMAGE")
+    raise RepairLimitError(
+        f"repair refused, nothing was changed: copying "
+        f"{_plural(n_copies, 'duplicated cluster reference')} needs {_human(need)} "
+        f"({need} bytes), {' and '.join(reasons)}; run `qedfuse check -r all "
+        f"--duplicates=unmap {image}` to unmap those references instead (they then read as "
+        f"unallocated), or free space or raise the limit with `qedfuse check -r all "
+        f"--max-copy=SIZE {image}`"
+    )
+
+
+__all__ = [
+    "DEFAULT_MAX_COPY_BYTES",
+    "DUPLICATE_MODES",
+    "FREE_SPACE_RESERVE",
+    "MAX_CLUSTERS",
+    "MAX_DUPLICATE_REPAIRS",
+    "CheckReport",
+    "DuplicateMode",
+    "RepairLimitError",
+    "available_bytes",
+    "check_image",
+]

@@ -197,6 +197,19 @@ def build_parser(*, with_mount: bool = False) -> argparse.ArgumentParser:
         help="repair: both modes fix corruptions and reclaim trailing leaks (as QEMU does)",
     )
     _add_format(p)
+    p.add_argument(
+        "--duplicates",
+        choices=("copy", "unmap"),
+        default="copy",
+        help="with -r: give each extra reference to a shared cluster its own copy (default), "
+        "or unmap it (it then reads as unallocated: backing data or zeros)",
+    )
+    p.add_argument(
+        "--max-copy",
+        metavar="SIZE",
+        help="with -r: most bytes the copies may add (default 1G; the filesystem's free "
+        "space is a limit too)",
+    )
     _add_output(p)
     _add_quiet(p)
     _add_force_share(p)
@@ -383,7 +396,18 @@ def _raw_info(path: str) -> tuple[dict[str, object], str]:
 
 
 def _run_check(ns: argparse.Namespace) -> int:
-    report = trio.run(lambda: tools.check(ns.image, repair=ns.repair, force_share=ns.force_share))
+    max_copy = tools.parse_size(ns.max_copy) if ns.max_copy is not None else None
+    if ns.repair is None and (max_copy is not None or ns.duplicates != "copy"):
+        raise UsageError("check: --duplicates and --max-copy apply only with -r")
+    report = trio.run(
+        lambda: tools.check(
+            ns.image,
+            repair=ns.repair,
+            force_share=ns.force_share,
+            duplicates=ns.duplicates,
+            max_copy_bytes=max_copy,
+        )
+    )
     if ns.quiet:
         pass
     elif _output(ns) == "json":

@@ -40,7 +40,7 @@ from qedfuse.imagefile import BlockFile, FileImage
 from qedfuse.locking import LockMode, lock_image
 
 if TYPE_CHECKING:
-    from qedfuse.check import CheckReport
+    from qedfuse.check import CheckReport, DuplicateMode
 
 #: Bytes read or written at once by convert and commit (bounded memory).
 CHUNK_SIZE: Final = 4 * 1024 * 1024
@@ -539,12 +539,20 @@ async def info(path: str, *, force_share: bool = False) -> ImageInfo:
 # ---------------------------------------------------------------------- check
 
 
-async def check(path: str, *, repair: str | None = None, force_share: bool = False) -> CheckReport:
+async def check(
+    path: str,
+    *,
+    repair: str | None = None,
+    force_share: bool = False,
+    duplicates: DuplicateMode = "copy",
+    max_copy_bytes: int | None = None,
+) -> CheckReport:
     """Run :func:`qedfuse.check.check_image` on ``path`` (opened directly, never auto-repaired).
 
-    ``repair`` is None (check only: read-only open and lock), ``"leaks"`` or ``"all"``.
+    ``repair`` is None (check only: read-only open and lock), ``"leaks"`` or ``"all"``;
+    ``duplicates`` and ``max_copy_bytes`` bound how a repair resolves shared clusters.
     """
-    from qedfuse.check import check_image
+    from qedfuse.check import DEFAULT_MAX_COPY_BYTES, RepairLimitError, check_image
 
     writable = repair is not None
     _check_path(path, writable=writable)
@@ -563,7 +571,15 @@ async def check(path: str, *, repair: str | None = None, force_share: bool = Fal
         except (QedError, OSError) as exc:
             raise _open_failed(path, exc) from exc
         try:
-            return await check_image(file, repair=repair or False)
+            return await check_image(
+                file,
+                repair=repair or False,
+                duplicates=duplicates,
+                max_copy_bytes=DEFAULT_MAX_COPY_BYTES if max_copy_bytes is None else max_copy_bytes,
+                image_name=path,
+            )
+        except RepairLimitError as exc:
+            raise CliError(str(exc)) from exc
         except (QedError, OSError) as exc:
             text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise CliError(f"Check failed: {text}") from exc
