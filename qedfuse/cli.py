@@ -343,10 +343,14 @@ def _run_create(ns: argparse.Namespace) -> int:
     if not ns.quiet:
         print(line)
     if result.table_size == 1:
-        logging.getLogger(__name__).warning(
-            "QEMU cannot open images with table_size=1 (a QEMU bug); qedfuse can"
-        )
+        _warn_table_size_1()
     return 0
+
+
+def _warn_table_size_1() -> None:
+    logging.getLogger(__name__).warning(
+        "QEMU cannot open images with table_size=1 (a QEMU bug); qedfuse can"
+    )
 
 
 def _run_info(ns: argparse.Namespace) -> int:
@@ -437,6 +441,8 @@ def _run_convert(ns: argparse.Namespace) -> int:
     )
     if bar is not None:
         bar.finish()
+    if ns.dst_format == "qed" and options.table_size == 1:
+        _warn_table_size_1()
     return 0
 
 

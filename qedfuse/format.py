@@ -50,6 +50,9 @@ MAX_TABLE_SIZE: Final = 16 * 1024 * 1024
 MAX_BACKING_NAME_SIZE: Final = 4095
 SECTOR_SIZE: Final = 512
 
+_U32: Final = (1 << 32) - 1
+_U64: Final = (1 << 64) - 1
+
 UNALLOCATED: Final = 0
 ZERO_CLUSTER: Final = 1
 
@@ -148,6 +151,16 @@ class Geometry:
     def max_image_size(self) -> int:
         """Guest bytes mapped by the whole L1 table, computed exactly (QEMU wraps)."""
         return self.table_entries * self.table_entries * self.cluster_size
+
+    @property
+    def qemu_max_image_size(self) -> int:
+        """QEMU 7.2's limit: the same product in its integer widths (a 32-bit table byte
+        count, then 64-bit products that wrap).  All factors are powers of two, so it is
+        :attr:`max_image_size` when that is below 2**64, else 0: QEMU then refuses to
+        create, open or grow the image to any size above 0."""
+        entries = ((self.table_size * self.cluster_size) & _U32) // 8
+        l2_size = (entries * self.cluster_size) & _U64
+        return (l2_size * entries) & _U64
 
     @property
     def header_end_offset(self) -> int:
@@ -286,7 +299,20 @@ def check_create_params(image_size: int, cluster_size: int, table_size: int) -> 
         raise FormatError(
             f"QED image size must be a multiple of 512 and at most {geometry.max_image_size} bytes"
         )
+    if image_size > geometry.qemu_max_image_size:
+        raise FormatError(qemu_size_limit_message(geometry))
     return geometry
+
+
+def qemu_size_limit_message(geometry: Geometry) -> str:
+    """Why QEMU cannot hold a larger image with ``geometry`` (its size limit wraps)."""
+    return (
+        f"QED image size must be at most {geometry.qemu_max_image_size} bytes with "
+        f"cluster_size={geometry.cluster_size} and table_size={geometry.table_size}: QEMU "
+        f"computes this geometry's limit ({geometry.max_image_size} bytes) in 64 bits, where "
+        "it wraps, and cannot create or open a larger image (use a smaller cluster_size or "
+        "table_size)"
+    )
 
 
 #: Magics of other image formats, which must never be read as raw guest bytes.

@@ -953,6 +953,12 @@ async def resize(path: str, size_text: str) -> tuple[int, int]:
     async with image:
         old_size = image.image_size
         new_size = parse_resize(size_text, old_size)
+        limit = image.geometry.qemu_max_image_size
+        if new_size > max(old_size, limit) and new_size <= image.geometry.max_image_size:
+            # The engine could hold it; QEMU could not open it any more (its limit wraps).
+            raise CliError(
+                f"Invalid image size specified: {fmt.qemu_size_limit_message(image.geometry)}"
+            )
         await image.resize(new_size)
         return old_size, new_size
 

@@ -375,18 +375,20 @@ async def test_duplicates_repaired_by_copying() -> None:
 
 
 async def test_duplicate_repair_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the reference cap the whole repair is refused before any write; unmapping works."""
     monkeypatch.setattr(check_mod, "MAX_DUPLICATE_REPAIRS", 1)
     memory = await small_image()
     set_need_check_mem(memory, True)
     poke_l2(memory, 0, 5, 0x3000)
     poke_l2(memory, 0, 6, 0x3000)
-    report = await check_image(memory, repair=True)
-    assert (report.corruptions_fixed, report.corruptions) == (1, 1)
-    assert any("too many duplicates" in m for m in report.messages)
-    assert report.need_check is True  # a corruption remains: the bit stays
-    assert header_of(memory).need_check
-    assert (await check_image(memory, repair=True)).corruptions == 0
+    before = bytes(memory.data)
+    with pytest.raises(check_mod.RepairLimitError, match="--duplicates=unmap"):
+        await check_image(memory, repair=True)
+    assert bytes(memory.data) == before
+    report = await check_image(memory, repair=True, duplicates="unmap")
+    assert (report.corruptions_fixed, report.corruptions) == (2, 0)
     assert not header_of(memory).need_check
+    assert l2_of(memory, 0)[5:7] == [0, 0]
 
 
 async def test_trailing_leaks_truncated_interior_leaks_stay() -> None:
