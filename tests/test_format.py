@@ -3,13 +3,18 @@ address math, size limits, create-parameter checks and the table codec."""
 
 from __future__ import annotations
 
+import json
 import struct
+import sys
 from array import array
+from functools import partial
+from pathlib import Path
 
 import pytest
 
 from qedfuse import format as fmt
 from qedfuse.errors import FormatError, LimitError, UnsupportedFeatureError
+from support import check_ok, describe, run
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -470,3 +475,134 @@ def test_table_codec_round_trip_and_little_endian() -> None:
     # Decoding a table is independent of the buffer type.
     assert fmt.decode_table(bytearray(raw)) == table
     assert fmt.decode_table(memoryview(raw)) == table
+
+
+# ------------------------------------------------------------ geometries QEMU can hold
+
+CLUSTER_SIZES = [1 << bits for bits in range(12, 27)]  # 4 KiB .. 64 MiB
+
+
+def test_create_params_refuse_the_issue_11_geometries() -> None:
+    for cs, ts in ((4 * MiB, 4), (8 * MiB, 2), (16 * MiB, 1)):
+        with pytest.raises(FormatError, match=r"at most 0 bytes .* QEMU computes"):
+            fmt.check_create_params(MiB, cs, ts)
+        fmt.check_create_params(0, cs, ts)  # qemu-img creates and opens size 0 (checked below)
+
+
+@pytest.mark.parametrize("cs", CLUSTER_SIZES, ids=lambda cs: f"cs{cs // KiB}k")
+def test_create_geometry_matrix_against_qemu_img(cs: int, tmp_path: Path, qemu_img: str) -> None:
+    """Every table_size 1..16 x a few sizes: what we create, QEMU 7.2 opens with that size;
+    what we refuse, qemu-img refuses to create or cannot open (or our 16 MiB table cap);
+    the one warned case (table_size=1, QEMU bug C) is the only image QEMU cannot open."""
+    import trio
+
+    from qedfuse import tools
+
+    problems: list[str] = []
+    for ts in range(1, 17):
+        geo = fmt.Geometry(cs, ts)
+        sizes = [512]
+        if fmt.is_power_of_two(ts):
+            sizes = [0, 512, geo.max_image_size, geo.max_image_size + 512]
+            sizes = [s for s in sizes if s < 2**63]  # qemu-img's size option is signed
+        for size in sizes:
+            what = f"cs={cs} ts={ts} size={size}"
+            ours = tmp_path / f"ours-{ts}-{size}.qed"
+            try:
+                trio.run(partial(tools.create, str(ours), size, cluster_size=cs, table_size=ts))
+                refused = None
+            except tools.CliError as exc:
+                refused = str(exc)
+                assert "\n" not in refused, what
+                assert not ours.exists(), what
+            capped = ts <= 16 and fmt.is_power_of_two(ts) and geo.table_bytes > fmt.MAX_TABLE_SIZE
+            if refused is not None and capped:
+                assert "exceeds qedfuse's limit" in refused, what
+                continue  # qemu-img would write a >16 MiB L1 table of zeros: not run
+            theirs = tmp_path / f"theirs-{ts}-{size}.qed"
+            opts = f"cluster_size={cs},table_size={ts}"
+            made = run([qemu_img, "create", "-q", "-f", "qed", "-o", opts, theirs, str(size)])
+            if refused is None:
+                info = run([qemu_img, "info", "-f", "qed", "--output=json", ours])
+                if ts == 1:  # we warn: QEMU cannot open table_size=1 (bug C)
+                    if info.returncode == 0 or "QED table offset is invalid" not in info.stderr:
+                        problems.append(f"{what}: expected QEMU's bug C\n{describe(info)}")
+                elif info.returncode != 0:
+                    problems.append(f"{what}: we created it, QEMU cannot open it\n{describe(info)}")
+                elif json.loads(info.stdout)["virtual-size"] != size:
+                    problems.append(f"{what}: QEMU sees another size\n{info.stdout}")
+                if made.returncode != 0:
+                    problems.append(f"{what}: we created it, qemu-img refuses\n{describe(made)}")
+            elif made.returncode == 0 and run([qemu_img, "info", theirs]).returncode == 0:
+                problems.append(f"{what}: we refuse ({refused}); QEMU creates and opens it")
+            for path in (ours, theirs):
+                path.unlink(missing_ok=True)
+    assert not problems, "\n".join(problems[:20])
+
+
+@pytest.mark.parametrize("cs", CLUSTER_SIZES, ids=lambda cs: f"cs{cs // KiB}k")
+def test_qemu_max_image_size_is_the_wrapped_product(cs: int) -> None:
+    for ts in (1, 2, 4, 8, 16):
+        geo = fmt.Geometry(cs, ts)
+        exact = geo.max_image_size
+        assert geo.qemu_max_image_size == (exact if exact < 2**64 else 0)
+        if exact >= 2**64 and geo.table_bytes <= fmt.MAX_TABLE_SIZE:
+            with pytest.raises(FormatError, match="QEMU computes"):
+                fmt.check_create_params(512, cs, ts)
+
+
+QEDFUSE_CLI = str(Path(sys.executable).with_name("qedfuse"))
+
+
+@pytest.mark.parametrize(("cs", "ts"), [("4M", 4), ("8M", 2), ("16M", 1)])
+def test_cli_create_convert_resize_refuse_what_qemu_cannot_open(
+    cs: str, ts: int, tmp_path: Path, qemu_img: str
+) -> None:
+    """create, convert -O qed and resize (the CLI): a one-line refusal, no file left behind,
+    where QEMU's size limit wraps; size 0 is still created and QEMU opens it."""
+    opts = f"cluster_size={cs},table_size={ts}"
+    image = tmp_path / "a.qed"
+    cp = run([QEDFUSE_CLI, "create", "-o", opts, image, "1M"])
+    assert cp.returncode == 1, describe(cp)
+    assert cp.stderr.count("\n") == 1, cp.stderr
+    assert cp.stderr.startswith("qedfuse: "), cp.stderr
+    assert "QEMU computes" in cp.stderr
+    assert not image.exists()
+    raw = tmp_path / "src.raw"
+    raw.write_bytes(b"\x5a" * 65536)
+    out = tmp_path / "c.qed"
+    cp = run([QEDFUSE_CLI, "convert", "-f", "raw", "-O", "qed", "-o", opts, raw, out])
+    assert cp.returncode == 1, describe(cp)
+    assert "QEMU computes" in cp.stderr
+    assert cp.stderr.count("\n") == 1
+    assert not out.exists()
+    # A size-0 image of that geometry is fine for both; growing it past QEMU's limit is not.
+    check_ok(run([qemu_img, "create", "-q", "-f", "qed", "-o", opts, image, "0"]))
+    before = image.read_bytes()[:4096]
+    cp = run([QEDFUSE_CLI, "resize", image, "1M"])
+    assert cp.returncode == 1, describe(cp)
+    assert "QEMU computes" in cp.stderr
+    assert cp.stderr.count("\n") == 1
+    assert image.read_bytes()[:4096] == before
+    if ts != 1:
+        check_ok(run([qemu_img, "info", image]))
+
+
+def test_cli_convert_warns_for_table_size_1_as_create_does(tmp_path: Path) -> None:
+    raw = tmp_path / "src.raw"
+    raw.write_bytes(b"\x5a" * 65536)
+    cp = check_ok(
+        run(
+            [
+                QEDFUSE_CLI,
+                "convert",
+                "-O",
+                "qed",
+                "-o",
+                "cluster_size=4096,table_size=1",
+                raw,
+                tmp_path / "c.qed",
+            ]
+        )
+    )
+    assert "QEMU cannot open images with table_size=1" in cp.stderr
