@@ -111,6 +111,7 @@ DUPLICATE_MODES: Final = ("copy", "unmap")
 _REPAIR_MODES: Final = {"leaks", "all"}
 _CHUNK: Final = 1 << 16  # bitmap bytes handled at once when counting
 _COPY_CHUNK: Final = 1 << 20  # bytes of a cluster copied at once
+_ENTRIES_PER_PAGE: Final = 512  # table entries per 4 KiB page (tables are page aligned)
 
 
 class RepairLimitError(QedError):
@@ -376,6 +377,25 @@ class _Pass:
         await self.file.pwrite(offset, data)
         self.n_writes += 1
 
+    async def _write_pages(self, table_offset: int, entries: array[int], pages: set[int]) -> None:
+        """Write back only the 4 KiB pages of a table that hold changed entries.
+
+        A changed entry was non-zero, so its page is already stored: the repair of a
+        sparse table allocates no new space (rewriting whole 16 MiB tables would)."""
+        ordered = sorted(pages)
+        k = 0
+        while k < len(ordered):
+            first = last = ordered[k]
+            while k + 1 < len(ordered) and ordered[k + 1] == last + 1:
+                k += 1
+                last = ordered[k]
+            k += 1
+            start = first * _ENTRIES_PER_PAGE
+            stop = min(len(entries), (last + 1) * _ENTRIES_PER_PAGE)
+            await self._repair_write(
+                table_offset + 8 * start, fmt.encode_table(entries, start, stop)
+            )
+
     # ------------------------------------------------------------------ the walk
 
     async def run(self, *, repair: bool) -> None:
@@ -408,7 +428,7 @@ class _Pass:
 
         # Phase A: every L2 table, before any data cluster.
         tables: list[tuple[int, int]] = []  # (l1_index, table offset) in L1 order
-        l1_changed = False
+        l1_changed: set[int] = set()
         for l1_index, offset in enumerate(l1):
             if offset == fmt.UNALLOCATED:
                 continue
@@ -431,14 +451,14 @@ class _Pass:
                 )
             if repair:
                 l1[l1_index] = fmt.UNALLOCATED
-                l1_changed = True
+                l1_changed.add(l1_index // _ENTRIES_PER_PAGE)
                 self.corruptions_fixed += n_bad
                 self.note(f"L1 entry {l1_index}: {problem}; repaired: entry zeroed")
             else:
                 self.corruptions += n_bad
                 self.note(f"L1 entry {l1_index}: {problem}")
         if l1_changed:
-            await self._repair_write(l1_offset, fmt.encode_table(l1))
+            await self._write_pages(l1_offset, l1, l1_changed)
 
         # Phase B: the data clusters of every accepted L2 table.
         for l1_index, table_offset in tables:
@@ -464,7 +484,7 @@ class _Pass:
             return
         entries = fmt.decode_table(raw)
         del raw
-        changed = False
+        changed: set[int] = set()  # pages of the table holding a changed entry
         previous: int | None = None
         header_end = geo.header_end_offset
         alloc_end = self.alloc_end
@@ -499,14 +519,14 @@ class _Pass:
             )
             if repair:
                 entries[l2_index] = fmt.UNALLOCATED
-                changed = True
+                changed.add(l2_index // _ENTRIES_PER_PAGE)
                 self.corruptions_fixed += 1
                 self.note(f"{where}: {problem}; repaired: entry zeroed")
             else:
                 self.corruptions += 1
                 self.note(f"{where}: {problem}")
         if changed:
-            await self._repair_write(table_offset, fmt.encode_table(entries))
+            await self._write_pages(table_offset, entries, changed)
 
     def _duplicate(
         self, table_offset: int, l1_index: int, l2_index: int, offset: int, *, repair: bool
@@ -654,8 +674,10 @@ class _Pass:
                 self.note(f"cannot re-read the L2 table at {table_offset:#x}: {exc}")
                 continue
             l1_index = self._tables[table_offset // cs]
+            pages: set[int] = set()
             for l2_index, offset, new_offset in changes:
                 entries[l2_index] = new_offset
+                pages.add(l2_index // _ENTRIES_PER_PAGE)
                 self.corruptions_fixed += 1
                 self.note(
                     f"L2 table {table_offset:#x} entry {l2_index} "
@@ -663,7 +685,7 @@ class _Pass:
                     f"{offset:#x} is also referenced by another L2 entry; repaired: "
                     f"copied to {new_offset:#x}"
                 )
-            await self._repair_write(table_offset, fmt.encode_table(entries))
+            await self._write_pages(table_offset, entries, pages)
         await self.file.fdatasync()
 
 

@@ -467,10 +467,10 @@ async def test_repair_order_need_check_first_and_last() -> None:
     assert copy_at > truncate_at
     assert kinds[copy_at + 1] == "fdatasync"
     assert ops[copy_at + 2][:2] == ("pwrite", 0x5000)  # the L2 table pointing at the copy
-    # Every table write is a whole table.
+    # Table writes are whole 4 KiB pages holding a changed entry (never a sparse page).
     for op, offset, data in ops:
         if op == "pwrite" and offset in (0x1000, 0x5000, 0x8000, 0xB000):
-            assert len(data) == 8192
+            assert len(data) == 4096
 
 
 async def test_crash_anywhere_in_repair_is_recoverable() -> None:
