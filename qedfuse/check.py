@@ -79,6 +79,7 @@ import os
 import shlex
 import stat
 from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Literal
 
@@ -130,6 +131,19 @@ def _human(size: int) -> str:
             return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
+
+
+_ZERO_PAGE: Final = bytes(8 * _ENTRIES_PER_PAGE)
+
+
+def _nonzero_page_indices(raw: bytes, n_entries: int) -> Iterator[int]:
+    """Indices of the entries of ``raw`` outside its all-zero 4 KiB pages (comparing bytes
+    skips a sparse table ~15x faster than looking at each entry)."""
+    page = len(_ZERO_PAGE)
+    for start in range(0, len(raw), page):
+        if raw[start : start + page] != _ZERO_PAGE:
+            first = start // 8
+            yield from range(first, min(n_entries, first + _ENTRIES_PER_PAGE))
 
 
 def _zeroed_bitmap(n_bytes: int) -> bytearray | mmap.mmap:
@@ -418,7 +432,7 @@ class _Pass:
             )
         l1_offset = self.header.l1_table_offset
         try:
-            l1 = fmt.decode_table(await self.file.pread(l1_offset, geo.table_bytes))
+            raw_l1 = await self.file.pread(l1_offset, geo.table_bytes)
         except OSError as exc:
             self.check_errors += 1
             self.note(f"cannot read the L1 table at {l1_offset:#x}: {exc}")
@@ -429,7 +443,9 @@ class _Pass:
         # Phase A: every L2 table, before any data cluster.
         tables: list[tuple[int, int]] = []  # (l1_index, table offset) in L1 order
         l1_changed: set[int] = set()
-        for l1_index, offset in enumerate(l1):
+        l1 = fmt.decode_table(raw_l1)
+        for l1_index in _nonzero_page_indices(raw_l1, len(l1)):
+            offset = l1[l1_index]
             if offset == fmt.UNALLOCATED:
                 continue
             n_bad = 1
@@ -483,13 +499,13 @@ class _Pass:
             self.note(f"cannot read the L2 table at {table_offset:#x} (L1 entry {l1_index}): {exc}")
             return
         entries = fmt.decode_table(raw)
-        del raw
         changed: set[int] = set()  # pages of the table holding a changed entry
         previous: int | None = None
         header_end = geo.header_end_offset
         alloc_end = self.alloc_end
         bits = self._bits
-        for l2_index, offset in enumerate(entries):
+        for l2_index in _nonzero_page_indices(raw, len(entries)):
+            offset = entries[l2_index]
             if offset <= fmt.ZERO_CLUSTER:
                 continue
             self.allocated += 1
