@@ -299,6 +299,7 @@ class _Pass:
         *,
         duplicates: DuplicateMode = "copy",
         max_copies: int = 0,
+        repair_wording: bool = False,
     ) -> None:
         self.file = file
         self.duplicate_mode = duplicates
@@ -328,6 +329,11 @@ class _Pass:
         self._n_duplicates = 0
         self.n_duplicate_refs = 0  # every extra reference to an already referenced cluster
         self.truncatable = False  # a repair would truncate the file (trailing leaks)
+        self._used_end = 0
+        self._n_trailing = 0
+        #: Word leak findings as a repair does (the survey of a repair that may only
+        #: truncate reports its own findings).
+        self.repair_wording = repair_wording
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -573,24 +579,35 @@ class _Pass:
         used_end = (last_used + 1) * self.cs
         n_trailing = n - (last_used + 1)
         self.truncatable = self.file_size > used_end
-        self._describe_leaks(last_used + 1, repair=repair)
+        self._used_end = used_end
+        self._n_trailing = n_trailing
+        wording = repair or self.repair_wording
+        self._describe_leaks(last_used + 1, repair=wording)
         if n_trailing:
-            suffix = f"; repaired: file truncated to {used_end:#x}" if repair else ""
+            suffix = f"; repaired: file truncated to {used_end:#x}" if wording else ""
             self.note(
                 f"clusters {used_end:#x}..{self.alloc_end - 1:#x} "
                 f"({_plural(n_trailing, 'cluster')}) at the end of the file are not "
                 f"referenced: leaked{suffix}"
             )
-        if repair and self.file_size > used_end:
-            await self.ensure_need_check()
-            await self.file.ftruncate(used_end)
-            await self.file.fdatasync()
-            if not n_trailing:
-                self.note(f"file truncated to {used_end:#x} (partial trailing cluster removed)")
-            self.leaks -= n_trailing
-            self.leaks_fixed += n_trailing
-            self.file_size = self.alloc_end = used_end
-            self.n_clusters = last_used + 1
+        if repair:
+            await self.truncate_trailing()
+
+    async def truncate_trailing(self) -> None:
+        """Reclaim the trailing leaks :meth:`_count_leaks` found (and a partial cluster)."""
+        used_end, n_trailing = self._used_end, self._n_trailing
+        if self.file_size <= used_end:
+            return
+        await self.ensure_need_check()
+        await self.file.ftruncate(used_end)
+        await self.file.fdatasync()
+        if not n_trailing:
+            self.note(f"file truncated to {used_end:#x} (partial trailing cluster removed)")
+        self.leaks -= n_trailing
+        self.leaks_fixed += n_trailing
+        self.file_size = self.alloc_end = used_end
+        self.n_clusters = used_end // self.cs
+        self.truncatable = False
 
     def _last_used(self) -> int:
         """Index of the last marked cluster (cluster 0 is always marked)."""
@@ -754,10 +771,13 @@ async def check_image(
         raise ReadOnlyError("cannot repair an image opened read-only")
     header, geometry, file_size = await read_header(file)
     # Survey: a walk that never writes, so every limit is decided before the first write.
-    first = _Pass(file, header, geometry, file_size)
+    first = _Pass(file, header, geometry, file_size, repair_wording=fixing)
     await first.run(repair=False)
     final = first
-    if fixing and (first.corruptions or first.truncatable):
+    if fixing and first.truncatable and not first.corruptions:
+        # Only trailing leaks (the usual state after a crash): the survey knows the cut.
+        await first.truncate_trailing()
+    elif fixing and first.corruptions:
         n_copies = first.n_duplicate_refs if duplicates == "copy" else 0
         if n_copies:
             await _check_copy_budget(

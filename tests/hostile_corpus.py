@@ -377,6 +377,17 @@ def corpus() -> list[HostileImage]:
         ("l2-duplicate-data", [(l2, 3, lay.data_offsets[1])], ()),
         ("l2-many-bad", [(l2, k, l1 + (k % 2) * cs) for k in range(3, 40)], ((3 * cs, 40 * cs),)),
     ]
+    # duplicate fans: one data cluster behind many entries (the repair copies are bounded)
+    fan_one = [(l2, k, lay.data_offsets[0]) for k in range(1, 1024)]
+    fan_across = [(table, k, lay.data_offsets[1]) for table in (l2, t2) for k in range(2, 300)]
+    fan_many = [(l2, k, lay.data_offsets[k % 3]) for k in range(3, 600)]
+    fan_into_tables = [(l2, k, (l2, t2, l1)[k % 3]) for k in range(3, 200)]
+    table_cases += [
+        ("l2-dup-fan-one-table", fan_one, ()),
+        ("l2-dup-fan-across-tables", fan_across, ()),
+        ("l2-dup-fan-many-clusters", fan_many, ()),
+        ("l2-dup-fan-into-tables", fan_into_tables, ((3 * cs, 200 * cs),)),
+    ]
     hs2, lay2 = base_image(header_size=2)
     header_ref = (
         "l2-entry-to-header-cluster-1",
@@ -391,6 +402,7 @@ def corpus() -> list[HostileImage]:
         out.append(
             HostileImage(f"{name}+need-check", with_need_check(bytes(buf)), len(buf), "serve")
         )
+    out.extend(_big_cluster_fans())
     for item in list(out):
         prefixes = ("116-", "l1-offset", "field-features", "image-size")
         if item.name.startswith(prefixes) and "+need-check" not in item.name:
@@ -402,6 +414,29 @@ def corpus() -> list[HostileImage]:
                     item.expect,
                 )
             )
+    return out
+
+
+def _big_cluster_fans() -> list[HostileImage]:
+    """A few KB of metadata whose fan of references would cost GiB of copies: 1 MiB
+    clusters, one data cluster behind 5,000 entries (5 GiB), NEED_CHECK set; and 4 MiB
+    clusters behind 2,000 entries of two tables (8 GiB).  A repair must refuse them."""
+    out: list[HostileImage] = []
+    for cs, ts, n_refs, n_tables in ((MiB, 1, 5000, 1), (4 * MiB, 1, 1000, 2)):
+        geo = fmt.Geometry(cs, ts)
+        l1 = cs
+        tables = [l1 + geo.table_bytes * (1 + k) for k in range(n_tables)]
+        data = tables[-1] + geo.table_bytes
+        header = fmt.new_header(n_tables * geo.l2_coverage, cluster_size=cs, table_size=ts)
+        head = bytearray(tables[-1] + 8 * n_refs)
+        head[:64] = header.pack()
+        for k, table in enumerate(tables):
+            set_entry(head, l1, k, table)
+            for index in range(n_refs):
+                set_entry(head, table, index, data)
+        name = f"big-dup-fan-{cs // MiB}MiBx{n_refs}x{n_tables}"
+        out.append(HostileImage(name, bytes(head), data + cs, "serve"))
+        out.append(HostileImage(f"{name}+need-check", with_need_check(bytes(head)), data + cs))
     return out
 
 
@@ -697,7 +732,7 @@ def mutate(data: bytes, rng: random.Random) -> tuple[bytes, list[str]]:
         op = rng.choice(
             [
                 *("field", "field", "l1", "l2", "l2", "dup-l1", "dup-l2", "invalidate"),
-                *("need-check", "zero-cluster", "truncate", "flip", "l2-self"),
+                *("need-check", "zero-cluster", "truncate", "flip", "l2-self", "dup-fan"),
             ]
         )
         if op == "field":
@@ -734,6 +769,18 @@ def mutate(data: bytes, rng: random.Random) -> tuple[bytes, list[str]]:
             src, dst = rng.randrange(0, min(entries, 64)), rng.randrange(0, min(entries, 64))
             put(table + 8 * dst, get(table + 8 * src))
             applied.append(f"dup L2@{table:#x}[{dst}]=[{src}]")
+        elif op == "dup-fan" and tables():
+            # One data cluster referenced from a run of entries (in one or every table),
+            # NEED_CHECK set so the read-write open repairs it: the repair must stay bounded.
+            source = next((v for t in tables() for v in [get(t)] if v > 1), 0)
+            count = rng.choice([2, 64, entries])
+            targets = tables() if rng.random() < 0.5 else [rng.choice(tables())]
+            for table in targets:
+                for index in range(min(count, entries)):
+                    put(table + 8 * index, source)
+            features = struct.unpack_from("<Q", buf, 16)[0] | fmt.Feature.NEED_CHECK
+            struct.pack_into("<Q", buf, 16, features)
+            applied.append(f"dup-fan {source:#x} x{count} in {len(targets)} tables")
         elif op == "invalidate":
             target = rng.choice([l1, *tables()])
             index = rng.randrange(0, min(entries, 16))
