@@ -419,10 +419,10 @@ def corpus() -> list[HostileImage]:
 
 def _big_cluster_fans() -> list[HostileImage]:
     """A few KB of metadata whose fan of references would cost GiB of copies: 1 MiB
-    clusters, one data cluster behind 5,000 entries (5 GiB), NEED_CHECK set; and 4 MiB
-    clusters behind 2,000 entries of two tables (8 GiB).  A repair must refuse them."""
+    clusters, one data cluster behind 5,000 entries (5 GiB), NEED_CHECK set; and 2 MiB
+    clusters behind 2,000 entries of two tables (4 GiB).  A repair must refuse them."""
     out: list[HostileImage] = []
-    for cs, ts, n_refs, n_tables in ((MiB, 1, 5000, 1), (4 * MiB, 1, 1000, 2)):
+    for cs, ts, n_refs, n_tables in ((MiB, 1, 5000, 1), (2 * MiB, 1, 1000, 2)):
         geo = fmt.Geometry(cs, ts)
         l1 = cs
         tables = [l1 + geo.table_bytes * (1 + k) for k in range(n_tables)]
