@@ -30,8 +30,12 @@ QEMU, whose driver only sees a "repair" flag, any repair mode also fixes corrupt
   reuse space) and are still reported;
 * if no corruption and no check error remains, NEED_CHECK is cleared.
 
-After a repair the image is checked again (as ``qemu-img check -r`` does) and the report's
-counts are those of the second pass, with the ``*_fixed`` counts of the first.
+A repair walks the image up to three times: a survey that never writes (when it finds only
+trailing leaks it truncates the file itself), the repairing walk (only when it found a
+corruption), and a final check of the repaired image (as ``qemu-img check -r`` does).  The
+report's counts are those of the final check, with the ``*_fixed`` counts and the messages
+of the walk that repaired.  Only 4 KiB pages of a table holding a changed entry are written
+back, so zeroing entries allocates no space in a sparse table; walks skip all-zero pages.
 
 Deliberate differences from QEMU (each is a QEMU bug or limitation):
 
@@ -42,7 +46,8 @@ Deliberate differences from QEMU (each is a QEMU bug or limitation):
   may then skip a valid L2 table, and cannot repair the entry;
 * an L2 table overlapping other metadata is detached (its L1 entry zeroed); QEMU only counts
   it, and leaves it there for a later write to clobber;
-* duplicates are repaired by copying (QEMU counts them and leaves them);
+* duplicates are repaired by copying, within a byte bound, or on request by unmapping
+  (QEMU counts them and leaves them);
 * trailing leaks are reclaimed (QEMU never reclaims leaks);
 * header cluster 0 is never a leak, even with ``header_size == 0``.
 
@@ -66,7 +71,7 @@ the end of the file are zeroed *before* anything can grow the file, so a crash c
 turn such an entry into a valid-looking reference to a copy.
 
 Bounded resources: one bit per file cluster (refused above 2**31 clusters), one table
-(at most :data:`~qedfuse.format.MAX_TABLE_SIZE`) in memory at a time, at most
+(at most :data:`~qedfuse.format.MAX_TABLE_SIZE`, with its raw bytes) in memory at a time, at most
 :data:`MAX_DUPLICATE_REPAIRS` duplicates remembered (24 bytes each), one
 :data:`_COPY_CHUNK` of cluster data at a time, at most :data:`MAX_MESSAGES` messages.
 """

@@ -285,7 +285,8 @@ async def test_byte_limit_refuses_and_unmap_needs_no_space(
 
 
 async def test_the_issue_image_16mib_clusters_5000_references(tmp_path: Path) -> None:
-    """The reported image: 52 KB on disk, 4999 copies of 16 MiB (78 GiB) on a 1 GiB tmpfs."""
+    """The reported image: 52 KB on disk, 4999 copies of 16 MiB (78 GiB) on a 1 GiB tmpfs:
+    refused by the engine, check -r all and a mount; --duplicates=unmap repairs it."""
     with tmpfs(tmp_path / "fs", 1 * GiB) as fs:
         fan = build_fan(fs / "fan.qed", 16 * MiB, "one-table", 5000)
         before = digest(fan.path)
@@ -298,7 +299,26 @@ async def test_the_issue_image_16mib_clusters_5000_references(tmp_path: Path) ->
             await file.aclose()
         assert "copying 4999 duplicated cluster references needs 78.1 GiB" in str(info.value)
         assert digest(fan.path) == before
+        # The same through check -r all and a real read-write mount (repair on open).
+        cp = run([QEDFUSE, "check", "-r", "all", fan.path], timeout=60)
+        assert cp.returncode == 1, describe(cp)
+        assert "needs 78.1 GiB" in cp.stderr
+        require_fuse()
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        try:
+            cp = run([QEDFUSE, "mount", fan.path, mnt], timeout=60)
+        finally:
+            if mount_entry(mnt) is not None:
+                fusermount_u(mnt)
+        assert cp.returncode != 0, describe(cp)
+        assert cp.stderr.count("\n") == 1, cp.stderr
+        assert f"--duplicates=unmap {fan.path}" in cp.stderr
+        assert digest(fan.path) == before
         assert available(fs) > 1 * GiB - MiB
+        cp = check_ok(run([QEDFUSE, "check", "-r", "all", "--duplicates=unmap", fan.path]))
+        assert "4999 corruptions" in cp.stdout
+        assert available(fs) > 1 * GiB - 32 * MiB  # the rewritten table pages, no copies
 
 
 async def test_entries_into_l2_tables_are_zeroed_without_space(tmp_path: Path) -> None:
