@@ -5,6 +5,9 @@ Backing files named in an image are followed by default (overlays are QED's main
 * never through a protocol or ``json:`` prefix (``nbd:…``, ``file:…``, ``json:{…}``);
 * never in a loop, and never deeper than :data:`MAX_CHAIN_DEPTH` levels;
 * always opened read-only, locked as QEMU locks a backing file (shared read);
+* every file is opened by :func:`~qedfuse.imagefile.open_file`: a regular file or a block
+  device, never a FIFO, directory, socket or character device (refused before any read);
+  a QED image on a block device opens read-only only (it cannot grow);
 * relative names resolve against the directory of the image that names them;
 * the backing format is raw when the image says so (NO_PROBE), else QED when the file starts
   with the QED magic, else raw (any other image format is refused rather than misread);
@@ -21,7 +24,7 @@ from dataclasses import dataclass, replace
 from qedfuse import format as fmt
 from qedfuse.engine import GuestSource, OpenOptions, QedImage, open_image, read_backing_name
 from qedfuse.errors import BackingFileError, QedError
-from qedfuse.imagefile import BlockFile, FileImage
+from qedfuse.imagefile import BlockFile, FileImage, open_file
 from qedfuse.locking import LockMode, lock_image
 
 MAX_CHAIN_DEPTH = 16
@@ -80,10 +83,9 @@ def _absolute(path: str) -> str:
     return os.path.abspath(path)
 
 
-def _open_fd(path: str, *, read_only: bool, what: str) -> int:
-    flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+def _open_fd(path: str, *, read_only: bool, what: str, growable: bool = False) -> int:
     try:
-        return os.open(path, flags)
+        return open_file(path, read_only=read_only, growable=growable)
     except OSError as exc:
         error = BackingFileError if what else QedError
         raise error(f"{what}Could not open '{path}': {exc.strerror}") from exc
@@ -145,7 +147,7 @@ async def _open_qed(
     depth: int,
 ) -> QedImage:
     what = "" if depth == 0 else "Could not open backing file: "
-    fd = _open_fd(path, read_only=read_only, what=what)
+    fd = _open_fd(path, read_only=read_only, what=what, growable=not read_only)
     file = FileImage(fd, read_only=read_only, threaded_io=threaded_io)
     backing: GuestSource | None = None
     try:
@@ -239,19 +241,17 @@ async def backing_chain(path: str) -> list[tuple[str, str]]:
     while current is not None:
         if len(chain) > MAX_CHAIN_DEPTH:
             raise BackingFileError(f"backing chain is deeper than {MAX_CHAIN_DEPTH} levels")
-        try:
-            st = os.stat(current)
-        except OSError as exc:
-            raise BackingFileError(f"Could not open '{current}': {exc.strerror}") from exc
-        if (st.st_dev, st.st_ino) in seen:
-            raise BackingFileError(f"backing chain loops back to '{current}'")
-        seen.add((st.st_dev, st.st_ino))
-        chain.append((current, fmt_name))
-        if fmt_name != "qed":
-            break
-        fd = _open_fd(current, read_only=True, what="")
+        what = "" if not chain else "Could not open backing file: "
+        fd = _open_fd(current, read_only=True, what=what)
         file = FileImage(fd, read_only=True)
         try:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) in seen:
+                raise BackingFileError(f"backing chain loops back to '{current}'")
+            seen.add((st.st_dev, st.st_ino))
+            chain.append((current, fmt_name))
+            if fmt_name != "qed":
+                break
             from qedfuse.engine import read_header
 
             header, _, _ = await read_header(file)

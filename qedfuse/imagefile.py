@@ -14,13 +14,21 @@ to record, reorder, tear or fail I/O (crash replay, fault injection).
   ``threaded_io=True`` moves pread/pwrite to threads (see ``bench/`` for the measurements
   behind these choices).
 * :class:`MemoryImage` is a thread-free in-memory file for tests.
+
+:func:`open_file` is the one way qedfuse opens an existing path (image, backing file, convert
+source and target, overlay base, commit target): only regular files and block devices, checked
+without ever blocking in ``open`` (a FIFO would wait for a writer for ever).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
+import stat
+import struct
 from collections.abc import Callable
-from typing import Protocol
+from typing import Final, Protocol
 
 import trio
 
@@ -56,6 +64,71 @@ class BlockFile(Protocol):
     async def aclose(self) -> None: ...
 
 
+class FileTypeError(OSError):
+    """A path that is neither a regular file nor a block device, or a block device where the
+    caller needs a file that can grow.  ``strerror`` is the one-line reason."""
+
+
+_TYPE_NAMES: Final = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _refuse_type(mode: int, *, growable: bool) -> None:
+    if stat.S_ISREG(mode):
+        return
+    if stat.S_ISBLK(mode):
+        if growable:
+            raise FileTypeError(
+                errno.EROFS,
+                "it is a block device, which cannot grow: a QED image on a block device can "
+                "only be opened read-only",
+            )
+        return
+    if stat.S_ISDIR(mode):
+        raise FileTypeError(errno.EISDIR, os.strerror(errno.EISDIR))
+    kind = next((name for test, name in _TYPE_NAMES if test(mode)), "not a regular file")
+    raise FileTypeError(
+        errno.EINVAL, f"it is {kind}; only regular files and block devices are supported"
+    )
+
+
+def open_file(path: str | os.PathLike[str], *, read_only: bool, growable: bool = False) -> int:
+    """Open an existing regular file or block device (symlinks followed) and return the fd.
+
+    Anything else raises :class:`FileTypeError` before any data is read, and ``open`` never
+    blocks: the type is checked by ``stat`` first (a character device is never opened), the
+    open itself is ``O_NONBLOCK`` (a FIFO swapped in meanwhile cannot hang it), then ``fstat``
+    checks what was really opened and ``O_NONBLOCK`` is cleared.  ``growable`` refuses a block
+    device too (for a QED image opened read-write: its allocations extend the file).
+    """
+    _refuse_type(os.stat(path).st_mode, growable=growable)
+    flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC | os.O_NOCTTY
+    fd = os.open(path, flags | os.O_NONBLOCK)
+    try:
+        _refuse_type(os.fstat(fd).st_mode, growable=growable)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def is_block_device(fd: int) -> bool:
+    return stat.S_ISBLK(os.fstat(fd).st_mode)
+
+
+#: ``ioctl(BLKZEROOUT, {start, length})``: let the device zero a range (loop: a hole punch).
+_BLKZEROOUT: Final = 0x127F
+#: BLKZEROOUT wants whole logical blocks; 4 KiB is a multiple of every common size.
+_ZEROOUT_ALIGN: Final = 4096
+_ZERO_CHUNK: Final = 1 << 20
+_ZERO_IOCTL_CHUNK: Final = 256 << 20
+
+
 _queue_probe: Callable[[], bool] | None = None
 
 
@@ -89,6 +162,8 @@ class FileImage:
 
     def __init__(self, fd: int, *, read_only: bool, threaded_io: bool = False) -> None:
         self.fd = fd
+        #: A block device has no file size to grow or truncate; its size is its capacity.
+        self.is_block_device = is_block_device(fd)
         self._read_only = read_only
         self._threaded_io = threaded_io
         self._limiter = trio.CapacityLimiter(16)
@@ -98,10 +173,16 @@ class FileImage:
 
     @classmethod
     def open(
-        cls, path: str | os.PathLike[str], *, read_only: bool, threaded_io: bool = False
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        read_only: bool,
+        threaded_io: bool = False,
+        growable: bool = False,
     ) -> FileImage:
-        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
-        return cls(os.open(path, flags), read_only=read_only, threaded_io=threaded_io)
+        """Open ``path`` with :func:`open_file` (regular file or block device only)."""
+        fd = open_file(path, read_only=read_only, growable=growable)
+        return cls(fd, read_only=read_only, threaded_io=threaded_io)
 
     @property
     def read_only(self) -> bool:
@@ -184,10 +265,55 @@ class FileImage:
         await trio.to_thread.run_sync(os.fdatasync, self.fd, limiter=self._limiter)
 
     async def ftruncate(self, size: int) -> None:
+        if self.is_block_device:
+            raise OSError(errno.EINVAL, "a block device cannot be truncated or grown")
         await trio.to_thread.run_sync(os.ftruncate, self.fd, size, limiter=self._limiter)
 
     async def size(self) -> int:
+        """File length; for a block device its capacity (``fstat`` says 0 there)."""
+        if self.is_block_device:
+            return os.lseek(self.fd, 0, os.SEEK_END)
         return os.fstat(self.fd).st_size
+
+    async def write_zeroes(self, offset: int, length: int) -> None:
+        """Make [offset, offset + length) read as zeros (a device is not sparse: written).
+
+        On a block device the aligned middle goes to ``BLKZEROOUT`` (in a thread: it may
+        write every byte) where the device supports it; the rest is written as zeros.
+        """
+        end = offset + length
+        if self.is_block_device:
+            start = -(-offset // _ZEROOUT_ALIGN) * _ZEROOUT_ALIGN
+            stop = end // _ZEROOUT_ALIGN * _ZEROOUT_ALIGN
+            if start < stop and await self._zeroout(start, stop):
+                await self._write_zeros(offset, start)
+                await self._write_zeros(stop, end)
+                return
+        await self._write_zeros(offset, end)
+
+    async def _zeroout(self, start: int, stop: int) -> bool:
+        """BLKZEROOUT [start, stop) in chunks; False (nothing done) if unsupported."""
+        pos = start
+        while pos < stop:
+            n = min(stop - pos, _ZERO_IOCTL_CHUNK)
+            arg = struct.pack("QQ", pos, n)
+            try:
+                await trio.to_thread.run_sync(
+                    fcntl.ioctl, self.fd, _BLKZEROOUT, arg, limiter=self._limiter
+                )
+            except OSError as exc:
+                if pos == start and exc.errno in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL):
+                    return False
+                raise
+            pos += n
+        return True
+
+    async def _write_zeros(self, pos: int, end: int) -> None:
+        zeros = bytes(min(_ZERO_CHUNK, max(0, end - pos)))
+        while pos < end:
+            n = min(end - pos, _ZERO_CHUNK)
+            await self.pwrite(pos, memoryview(zeros)[:n])
+            pos += n
 
     async def aclose(self) -> None:
         if self.fd >= 0:

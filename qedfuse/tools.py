@@ -11,15 +11,17 @@ Errors a user can cause raise :class:`CliError` (or another
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import os
 import re
 import stat
+import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, TypeVar
 
 import trio
 
@@ -36,7 +38,7 @@ from qedfuse.engine import (
     read_header,
 )
 from qedfuse.errors import BackingFileError, QedError
-from qedfuse.imagefile import BlockFile, FileImage
+from qedfuse.imagefile import BlockFile, FileImage, open_file
 from qedfuse.locking import LockMode, lock_image
 
 if TYPE_CHECKING:
@@ -134,14 +136,11 @@ def _parse_int(key: str, value: str) -> int:
 # ---------------------------------------------------------------------- opening
 
 
-def _check_path(path: str, *, writable: bool) -> None:
-    """Fail like qemu-img (``Could not open 'x': No such file or directory``) before opening."""
+def _check_path(path: str, *, writable: bool, growable: bool = False) -> None:
+    """Fail like qemu-img (``Could not open 'x': No such file or directory``) before opening;
+    also refuses anything but a regular file or block device (:func:`open_file`)."""
     try:
-        st = os.stat(path)
-        if stat.S_ISDIR(st.st_mode):
-            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
-        fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
-        os.close(fd)
+        os.close(open_file(path, read_only=not writable, growable=growable))
     except OSError as exc:
         raise CliError(f"Could not open '{path}': {exc.strerror or exc}") from exc
 
@@ -172,12 +171,12 @@ async def open_top(
     Without ``with_backing`` only the image itself is opened (like qemu-img's
     ``BDRV_O_NO_BACKING``), so ``info`` works on an overlay whose backing file is missing.
     """
-    _check_path(path, writable=not read_only)
+    _check_path(path, writable=not read_only, growable=not read_only)
     mode = lock_mode or (LockMode.READ_ONLY if read_only else LockMode.READ_WRITE)
     try:
         if with_backing:
             return await open_path(path, read_only=read_only, lock_mode=mode)
-        file = FileImage.open(path, read_only=read_only)
+        file = FileImage.open(path, read_only=read_only, growable=not read_only)
         try:
             _lock(file.fd, mode, path)
             return await open_image(file, read_only=read_only)
@@ -264,8 +263,13 @@ class CreateResult:
     backing_format: str | None
 
 
-def _create_target(path: str, *, force: bool) -> tuple[int, bool]:
-    """Open ``path`` for (re)writing: (fd, created).  Refuses a non-empty file without force."""
+def _create_target(path: str, *, force: bool, allow_device: bool = False) -> tuple[int, bool]:
+    """Open ``path`` for (re)writing: (fd, created).  Refuses a non-empty file without force.
+
+    An existing path must be a regular file (:func:`open_file` refuses FIFOs, directories,
+    sockets and character devices without blocking); a block device only with
+    ``allow_device`` (a raw destination) and ``force`` (it always holds something).
+    """
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         return fd, True
@@ -274,17 +278,59 @@ def _create_target(path: str, *, force: bool) -> tuple[int, bool]:
     except OSError as exc:
         raise CliError(f"{path}: {exc.strerror or exc}") from exc
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        fd = open_file(path, read_only=False)
     except OSError as exc:
         raise CliError(f"{path}: {exc.strerror or exc}") from exc
     st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        raise CliError(f"{path}: not a regular file")
+    if stat.S_ISBLK(st.st_mode):
+        if not allow_device:
+            os.close(fd)
+            raise CliError(
+                f"{path}: is a block device; a QED image needs a regular file (it grows), "
+                "use a file or a raw destination"
+            )
+        if not force:
+            os.close(fd)
+            raise CliError(f"{path}: is a block device (use --force to overwrite it)")
+        return fd, False
     if st.st_size > 0 and not force:
         os.close(fd)
         raise CliError(f"{path}: file exists and is not empty (use --force to overwrite it)")
     return fd, False
+
+
+def _temp_beside(path: str, like: os.stat_result) -> tuple[int, str, str]:
+    """A new temporary file next to the file ``path`` names: (fd, temp path, final path).
+
+    The final path has its symlinks resolved, so the rename replaces the file, not a link to
+    it; the temporary file gets the replaced file's mode (and owner, where allowed).
+    """
+    final = os.path.realpath(path)
+    directory, name = os.path.split(final)
+    try:
+        fd, temp = tempfile.mkstemp(prefix=f".{name}.", suffix=".qedfuse-tmp", dir=directory)
+    except OSError as exc:
+        raise CliError(f"{path}: cannot create a temporary file beside it: {exc.strerror}") from exc
+    try:
+        os.fchmod(fd, stat.S_IMODE(like.st_mode))
+        if (like.st_uid, like.st_gid) != (os.getuid(), os.getgid()):
+            with contextlib.suppress(OSError):
+                os.fchown(fd, like.st_uid, like.st_gid)
+    except BaseException:
+        os.close(fd)
+        _unlink_quietly(temp)
+        raise
+    return fd, temp, final
+
+
+async def _replace(temp: str, final: str) -> None:
+    """Rename ``temp`` over ``final`` and make the rename durable (fsync the directory)."""
+    os.replace(temp, final)
+    dir_fd = os.open(os.path.dirname(final), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        await trio.to_thread.run_sync(os.fsync, dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 async def create(
@@ -358,8 +404,11 @@ async def _backing_size(image_path: str, backing: str, backing_format: str) -> i
         raise CliError(f"{image_path}: {exc}") from exc
     try:
         if backing_format == "raw":
-            _check_path(resolved, writable=False)
-            return round_up_sector(os.stat(resolved).st_size)
+            raw = await _open_raw(resolved, lock_mode=LockMode.SHARED)
+            try:
+                return round_up_sector(raw.image_size)
+            finally:
+                await raw.aclose()
         if await detect_format(resolved) != "qed":
             raise CliError(f"backing file '{backing}' is not a QED image (use -F raw?)")
         image = await open_top(resolved, read_only=True, lock_mode=LockMode.SHARED)
@@ -555,9 +604,9 @@ async def check(
     from qedfuse.check import DEFAULT_MAX_COPY_BYTES, RepairLimitError, check_image
 
     writable = repair is not None
-    _check_path(path, writable=writable)
+    _check_path(path, writable=writable, growable=writable)
     try:
-        file = FileImage.open(path, read_only=not writable)
+        file = FileImage.open(path, read_only=not writable, growable=writable)
     except OSError as exc:
         raise _open_failed(path, exc) from exc
     try:
@@ -702,31 +751,54 @@ async def convert(
                 fmt.check_create_params(size, cluster_size, table_size)
             except QedError as exc:
                 raise CliError(f"{dst}: {exc}") from exc
-        fd, created = _create_target(dst, force=force)
+        fd, created = _create_target(dst, force=force, allow_device=dst_format == "raw")
+        temp: tuple[int, str, str] | None = None
         try:
             st = os.fstat(fd)
             if (st.st_dev, st.st_ino) in _file_ids(source):
                 raise CliError(f"{dst}: is the source image or one of its backing files")
             _lock(fd, LockMode.READ_WRITE, dst)
+            device = stat.S_ISBLK(st.st_mode)
+            if device and (capacity := os.lseek(fd, 0, os.SEEK_END)) < size:
+                raise CliError(
+                    f"{dst}: the block device holds {capacity} bytes but the image needs "
+                    f"{size}; a block device cannot grow"
+                )
+            if not created and not device:
+                # Write beside it and rename at the end: an interrupted run keeps the old file.
+                temp = _temp_beside(dst, st)
         except BaseException:
             os.close(fd)
             if created:
                 _unlink_quietly(dst)
             raise
-        out = FileImage(fd, read_only=False)
+        out = FileImage(fd if temp is None else temp[0], read_only=False)
         try:
-            if dst_format == "raw":
+            if device:
+                written = await _convert_to_device(source, out, progress)
+            elif dst_format == "raw":
                 written = await _convert_to_raw(source, out, progress)
             else:
                 written = await _convert_to_qed(
                     source, out, size, cluster_size, table_size, progress
                 )
+            if temp is not None:
+                await _replace(temp[1], temp[2])
         except BaseException as exc:
             await out.aclose()
-            _unlink_quietly(dst)
+            if temp is not None:
+                _unlink_quietly(temp[1])
+            elif created:
+                _unlink_quietly(dst)
             if isinstance(exc, OSError):
-                raise CliError(f"{dst}: error while writing: {exc.strerror or exc}") from exc
+                partly = " (the device now holds part of the image)" if device else ""
+                raise CliError(
+                    f"{dst}: error while writing: {exc.strerror or exc}{partly}"
+                ) from exc
             raise
+        finally:
+            if temp is not None:
+                os.close(fd)  # the replaced file: held (and locked) until the rename
         await out.aclose()
         return ConvertResult(size, written)
     finally:
@@ -773,6 +845,26 @@ async def _convert_to_raw(source: GuestSource, out: FileImage, progress: Progres
     await out.ftruncate(0)
     await out.ftruncate(size)
     written = await _copy_nonzero(source, size, out.pwrite, SPARSE_BLOCK_SIZE, progress)
+    await out.fdatasync()
+    return written
+
+
+async def _convert_to_device(source: GuestSource, out: FileImage, progress: Progress | None) -> int:
+    """Raw onto a block device, in place: not sparse, so the zero ranges are zeroed too."""
+    size = source.image_size
+    zeroed_to = 0
+
+    async def write(pos: int, data: bytes) -> None:
+        nonlocal zeroed_to
+        assert pos >= zeroed_to, "convert writes in guest order"
+        if pos > zeroed_to:
+            await out.write_zeroes(zeroed_to, pos - zeroed_to)
+        await out.pwrite(pos, data)
+        zeroed_to = pos + len(data)
+
+    written = await _copy_nonzero(source, size, write, SPARSE_BLOCK_SIZE, progress)
+    if zeroed_to < size:
+        await out.write_zeroes(zeroed_to, size - zeroed_to)
     await out.fdatasync()
     return written
 
@@ -989,34 +1081,81 @@ async def commit(path: str, *, progress: Progress | None = None) -> CommitResult
         except BackingFileError as exc:
             raise CliError(f"Could not open backing file of '{path}': {exc}") from exc
         backing_format = "raw" if top.header.backing_is_raw else await detect_format(backing_path)
-        if backing_format == "qed":
-            base = await open_top(backing_path, read_only=False)
-            async with base:
-                if base.image_size < top.image_size:
-                    await base.resize(round_up_sector(top.image_size))
-                committed = await _commit_runs(top, base.write, base.write_zeroes, progress)
-                await base.flush()
-        else:
-            committed = await _commit_to_raw(top, backing_path, progress)
+        changed = _Changed()
+        try:
+            if backing_format == "qed":
+                base = await open_top(backing_path, read_only=False)
+                async with base:
+                    if base.image_size < top.image_size:
+                        changed.started = True
+                        await base.resize(round_up_sector(top.image_size))
+                    committed = await _commit_runs(
+                        top, changed.track(base.write), changed.track(base.write_zeroes), progress
+                    )
+                    await base.flush()
+            else:
+                committed = await _commit_to_raw(top, backing_path, progress, changed)
+        except (Exception, KeyboardInterrupt) as exc:
+            if not changed.started:
+                raise
+            raise _unfinished_commit(path, backing_path, exc) from exc
     return CommitResult(backing_path, backing_format, committed)
 
 
-async def _commit_to_raw(top: QedImage, backing_path: str, progress: Progress | None) -> int:
+_T = TypeVar("_T")
+
+
+class _Changed:
+    """Whether a commit has started to change its base (from then on, stopping leaves it
+    holding part of the overlay's data)."""
+
+    started = False
+
+    def track(
+        self, fn: Callable[[int, _T], Awaitable[None]]
+    ) -> Callable[[int, _T], Awaitable[None]]:
+        async def tracked(pos: int, arg: _T) -> None:
+            self.started = True
+            await fn(pos, arg)
+
+        return tracked
+
+
+def _unfinished_commit(path: str, backing_path: str, exc: BaseException) -> CliError:
+    if isinstance(exc, KeyboardInterrupt):
+        reason, code = "interrupted", 130
+    else:
+        text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        reason, code = text, exc.exit_code if isinstance(exc, CliError) else 1
+    return CliError(
+        f"commit into '{backing_path}' did not finish ({reason}): the base may now hold part "
+        f"of the overlay's data; run 'qedfuse commit {path}' again to finish it",
+        code,
+    )
+
+
+async def _commit_to_raw(
+    top: QedImage, backing_path: str, progress: Progress | None, changed: _Changed
+) -> int:
     _check_path(backing_path, writable=True)
-    out = FileImage.open(backing_path, read_only=False)
+    try:
+        out = FileImage.open(backing_path, read_only=False)
+    except OSError as exc:
+        raise _open_failed(backing_path, exc) from exc
     try:
         lock_image(out.fd, LockMode.READ_WRITE, backing_path)
-        if await out.size() < top.image_size:
+        base_size = await out.size()
+        if base_size < top.image_size:
+            if out.is_block_device:
+                raise CliError(
+                    f"backing device '{backing_path}' holds {base_size} bytes, less than the "
+                    f"overlay's {top.image_size}; a block device cannot grow"
+                )
+            changed.started = True
             await out.ftruncate(top.image_size)
-
-        async def write_zeroes(pos: int, size: int) -> None:
-            while size:
-                n = min(size, CHUNK_SIZE)
-                await out.pwrite(pos, memoryview(_ZEROS)[:n])
-                pos += n
-                size -= n
-
-        committed = await _commit_runs(top, out.pwrite, write_zeroes, progress)
+        committed = await _commit_runs(
+            top, changed.track(out.pwrite), changed.track(out.write_zeroes), progress
+        )
         await out.fdatasync()
         return committed
     finally:
