@@ -103,11 +103,21 @@ def open_file(path: str | os.PathLike[str], *, read_only: bool, growable: bool =
     blocks: the type is checked by ``stat`` first (a character device is never opened), the
     open itself is ``O_NONBLOCK`` (a FIFO swapped in meanwhile cannot hang it), then ``fstat``
     checks what was really opened and ``O_NONBLOCK`` is cleared.  ``growable`` refuses a block
-    device too (for a QED image opened read-write: its allocations extend the file).
+    device too (for a QED image opened read-write: its allocations extend the file).  A block
+    device opened read-write is opened exclusively (``O_EXCL``): one that holds a mounted
+    filesystem or is claimed by another exclusive opener is refused (``EBUSY``).
     """
-    _refuse_type(os.stat(path).st_mode, growable=growable)
+    mode = os.stat(path).st_mode
+    _refuse_type(mode, growable=growable)
     flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC | os.O_NOCTTY
-    fd = os.open(path, flags | os.O_NONBLOCK)
+    if stat.S_ISBLK(mode) and not read_only:
+        flags |= os.O_EXCL
+    try:
+        fd = os.open(path, flags | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.EBUSY and flags & os.O_EXCL:
+            raise OSError(errno.EBUSY, "the block device is in use (mounted?)") from None
+        raise
     try:
         _refuse_type(os.fstat(fd).st_mode, growable=growable)
         os.set_blocking(fd, True)

@@ -85,6 +85,22 @@ def release_fifos(tmp: Path) -> None:
                 os.close(os.open(entry, os.O_WRONLY | os.O_NONBLOCK))
 
 
+def kill_strays(tmp: Path) -> None:
+    """SIGKILL what is left of the commands a test ran (a daemon hung before the fix, in its
+    own session): every process whose command line names the test's own directory."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if os.fsencode(tmp) in cmdline:
+            with contextlib.suppress(OSError):
+                os.kill(int(entry), signal.SIGKILL)
+
+
 def snapshot(tmp: Path) -> dict[str, tuple[int, int, int]]:
     """(type, size, mtime) of everything under ``tmp`` (logs excluded)."""
     out: dict[str, tuple[int, int, int]] = {}
@@ -286,6 +302,7 @@ def _refused(
     try:
         cp, elapsed = runner(args)
     finally:
+        kill_strays(tmp_path)
         release_fifos(tmp_path)
         if mnt.exists() and mount_entry(mnt) is not None:
             fusermount_u(mnt, lazy=True)
@@ -695,3 +712,24 @@ def test_commit_interrupted_says_what_next(tmp_path: Path) -> None:
     assert "again" in lines[0], lines[0]
     check_ok(in_process(["commit", os.fspath(overlay)], timeout=120)[0])
     check_ok(run([require_tool("qemu-img"), "compare", "-f", "qed", "-F", "raw", overlay, base]))
+
+
+def test_block_device_in_use_is_not_written(tmp_path: Path, loops: Callable[[Path], str]) -> None:
+    """A device claimed exclusively (as a mounted filesystem claims it) is refused for writing
+    by convert and commit, and left unchanged."""
+    junk = _pattern(MiB, 4)
+    (tmp_path / "dev.img").write_bytes(junk)
+    dev = loops(tmp_path / "dev.img")
+    overlay = tmp_path / "o.qed"
+    check_ok(in_process(["create", "-b", dev, "-F", "raw", os.fspath(overlay)])[0])
+    check_ok(run([require_tool("qemu-io"), "-f", "qed", "-c", "write -P 3 0 4k", overlay]))
+    claim = os.open(dev, os.O_RDONLY | os.O_EXCL)
+    try:
+        for args in (
+            ["convert", "--force", "-O", "raw", os.fspath(_good_qed(tmp_path)), dev],
+            ["commit", os.fspath(overlay)],
+        ):
+            assert "in use" in assert_refused(*in_process(args))
+    finally:
+        os.close(claim)
+    assert (tmp_path / "dev.img").read_bytes() == junk
