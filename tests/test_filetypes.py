@@ -733,3 +733,25 @@ def test_block_device_in_use_is_not_written(tmp_path: Path, loops: Callable[[Pat
     finally:
         os.close(claim)
     assert (tmp_path / "dev.img").read_bytes() == junk
+
+
+def test_commit_failing_midway_says_what_next(tmp_path: Path) -> None:
+    """A commit that fails after it started writing (ENOSPC on a small tmpfs holding the
+    base) names the error, says the base holds part of the data and how to finish."""
+    fs = tmp_path / "fs"
+    fs.mkdir()
+    check_ok(run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", fs]))
+    try:
+        base = fs / "base.raw"
+        with open(base, "wb") as f:
+            f.truncate(16 * MiB)
+        overlay = tmp_path / "o.qed"
+        check_ok(in_process(["create", "-b", os.fspath(base), "-F", "raw", os.fspath(overlay)])[0])
+        writes = [a for i in range(4) for a in ("-c", f"write -P {i + 1} {i * 4 * MiB} {4 * MiB}")]
+        check_ok(run([require_tool("qemu-io"), "-f", "qed", *writes, overlay]))
+        line = assert_refused(*in_process(["commit", os.fspath(overlay)]))
+        assert "No space left on device" in line, line
+        assert "part of the overlay's data" in line, line
+        assert f"run 'qedfuse commit {overlay}' again" in line, line
+    finally:
+        run(["umount", "-l", fs])
