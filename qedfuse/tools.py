@@ -16,8 +16,8 @@ import errno
 import math
 import os
 import re
+import secrets
 import stat
-import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -299,18 +299,21 @@ def _create_target(path: str, *, force: bool, allow_device: bool = False) -> tup
     return fd, False
 
 
-def _temp_beside(path: str, like: os.stat_result) -> tuple[int, str, str]:
-    """A new temporary file next to the file ``path`` names: (fd, temp path, final path).
-
-    The final path has its symlinks resolved, so the rename replaces the file, not a link to
-    it; the temporary file gets the replaced file's mode (and owner, where allowed).
-    """
-    final = os.path.realpath(path)
+def _temp_name(dst: str) -> tuple[str, str]:
+    """(temporary path, final path) for replacing ``dst``: the final path has its symlinks
+    resolved (a symlink stays, the file it names is replaced), the temporary name is fresh
+    and in the same directory (so the rename is atomic)."""
+    final = os.path.realpath(dst)
     directory, name = os.path.split(final)
+    return os.path.join(directory, f".{name}.{secrets.token_hex(4)}.qedfuse-tmp"), final
+
+
+def _create_temp(dst: str, temp_path: str, like: os.stat_result) -> int:
+    """Create ``temp_path`` with the mode (and owner, where allowed) of the file it replaces."""
     try:
-        fd, temp = tempfile.mkstemp(prefix=f".{name}.", suffix=".qedfuse-tmp", dir=directory)
+        fd = os.open(temp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     except OSError as exc:
-        raise CliError(f"{path}: cannot create a temporary file beside it: {exc.strerror}") from exc
+        raise CliError(f"{dst}: cannot create a temporary file beside it: {exc.strerror}") from exc
     try:
         os.fchmod(fd, stat.S_IMODE(like.st_mode))
         if (like.st_uid, like.st_gid) != (os.getuid(), os.getgid()):
@@ -318,9 +321,8 @@ def _temp_beside(path: str, like: os.stat_result) -> tuple[int, str, str]:
                 os.fchown(fd, like.st_uid, like.st_gid)
     except BaseException:
         os.close(fd)
-        _unlink_quietly(temp)
         raise
-    return fd, temp, final
+    return fd
 
 
 async def _replace(temp: str, final: str) -> None:
@@ -752,7 +754,12 @@ async def convert(
             except QedError as exc:
                 raise CliError(f"{dst}: {exc}") from exc
         fd, created = _create_target(dst, force=force, allow_device=dst_format == "raw")
-        temp: tuple[int, str, str] | None = None
+        # One try for everything after the target exists, so that wherever an error or a
+        # Ctrl-C lands, a temporary file is removed and a file we created is deleted.
+        temp_path: str | None = None
+        temp_fd = -1
+        renamed = device = False
+        out: FileImage | None = None
         try:
             st = os.fstat(fd)
             if (st.st_dev, st.st_ino) in _file_ids(source):
@@ -764,16 +771,12 @@ async def convert(
                     f"{dst}: the block device holds {capacity} bytes but the image needs "
                     f"{size}; a block device cannot grow"
                 )
+            final = dst
             if not created and not device:
                 # Write beside it and rename at the end: an interrupted run keeps the old file.
-                temp = _temp_beside(dst, st)
-        except BaseException:
-            os.close(fd)
-            if created:
-                _unlink_quietly(dst)
-            raise
-        out = FileImage(fd if temp is None else temp[0], read_only=False)
-        try:
+                temp_path, final = _temp_name(dst)
+                temp_fd = _create_temp(dst, temp_path, st)
+            out = FileImage(fd if temp_path is None else temp_fd, read_only=False)
             if device:
                 written = await _convert_to_device(source, out, progress)
             elif dst_format == "raw":
@@ -782,12 +785,12 @@ async def convert(
                 written = await _convert_to_qed(
                     source, out, size, cluster_size, table_size, progress
                 )
-            if temp is not None:
-                await _replace(temp[1], temp[2])
+            if temp_path is not None:
+                await _replace(temp_path, final)
+                renamed = True
         except BaseException as exc:
-            await out.aclose()
-            if temp is not None:
-                _unlink_quietly(temp[1])
+            if temp_path is not None and not renamed:
+                _unlink_quietly(temp_path)
             elif created:
                 _unlink_quietly(dst)
             if isinstance(exc, OSError):
@@ -797,9 +800,12 @@ async def convert(
                 ) from exc
             raise
         finally:
-            if temp is not None:
-                os.close(fd)  # the replaced file: held (and locked) until the rename
-        await out.aclose()
+            if out is not None:
+                await out.aclose()
+            elif temp_fd >= 0:
+                os.close(temp_fd)
+            if out is None or temp_path is not None:
+                os.close(fd)  # a replaced file is held (and locked) until the rename
         return ConvertResult(size, written)
     finally:
         await source.aclose()
