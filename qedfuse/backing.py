@@ -4,7 +4,10 @@ Backing files named in an image are followed by default (overlays are QED's main
 
 * never through a protocol or ``json:`` prefix (``nbd:…``, ``file:…``, ``json:{…}``);
 * never in a loop, and never deeper than :data:`MAX_CHAIN_DEPTH` levels;
-* always opened read-only, locked as QEMU locks a backing file (shared read);
+* always opened read-only and locked as QEMU 7.2 locks a backing file: a QED backing image
+  holds consistent read and shares neither write nor resize (bytes 100, 201, 203, because its
+  tables are metadata), a raw one only holds consistent read (byte 100); a force-share open
+  (``-U``) holds only byte 100 on every level;
 * every file is opened by :func:`~qedfuse.imagefile.open_file`: a regular file or a block
   device, never a FIFO, directory, socket or character device (refused before any read);
   a QED image on a block device opens read-only only (it cannot grow);
@@ -173,6 +176,7 @@ async def _open_qed(
                 options=options,
                 policy=policy,
                 lock=lock,
+                force_share=lock_mode is LockMode.SHARED,
                 threaded_io=threaded_io,
                 seen=seen,
                 depth=depth + 1,
@@ -192,6 +196,7 @@ async def _open_backing(
     options: OpenOptions,
     policy: BackingPolicy,
     lock: bool,
+    force_share: bool,
     threaded_io: bool,
     seen: set[tuple[int, int]],
     depth: int,
@@ -217,7 +222,7 @@ async def _open_backing(
             options=replace(options, repair_on_open=False),
             policy=policy,
             lock=lock,
-            lock_mode=LockMode.SHARED,
+            lock_mode=LockMode.SHARED if force_share else LockMode.READ_ONLY,
             threaded_io=threaded_io,
             seen=seen,
             depth=depth,
@@ -274,11 +279,39 @@ async def backing_chain(path: str) -> list[tuple[str, str]]:
     return chain
 
 
+async def lock_backing_chain(path: str, *, force_share: bool) -> list[FileImage]:
+    """Lock every backing file below ``path`` as opening the chain would, without opening it.
+
+    For commands that work on one file but whose QEMU counterpart opens the whole chain
+    (``check``): they must be refused by a writer of a QED backing file as QEMU is.  A chain
+    that cannot be walked (missing file, loop) locks nothing here: the command itself does
+    not need it.  Returns the locked files; the caller closes them.
+    """
+    try:
+        chain = await backing_chain(path)
+    except (QedError, OSError):
+        return []
+    files: list[FileImage] = []
+    try:
+        for level_path, level_format in chain[1:]:
+            fd = _open_fd(level_path, read_only=True, what="Could not open backing file: ")
+            file = FileImage(fd, read_only=True)
+            files.append(file)
+            shared = force_share or level_format == "raw"
+            lock_image(fd, LockMode.SHARED if shared else LockMode.READ_ONLY, level_path)
+    except BaseException:
+        for file in files:
+            await file.aclose()
+        raise
+    return files
+
+
 __all__ = [
     "MAX_CHAIN_DEPTH",
     "BackingPolicy",
     "RawImage",
     "backing_chain",
+    "lock_backing_chain",
     "open_path",
     "resolve_backing_name",
 ]
