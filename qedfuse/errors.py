@@ -8,6 +8,10 @@ subclass whose ``str()`` is one complete line, fit to print after ``qedfuse: ``.
 from __future__ import annotations
 
 import errno
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from qedfuse.locking import LockMode
 
 
 class QedError(Exception):
@@ -63,6 +67,23 @@ class BackingFileError(QedError):
 
 
 class LockError(QedError):
-    """Another process holds a conflicting QEMU-style image lock."""
+    """Another process holds a conflicting QEMU-style image lock.
+
+    ``mode`` is what was asked for on ``path``, ``free_modes`` the modes that would not have
+    conflicted (so a caller can suggest ``-U`` or ``-o ro`` only when it would help).
+    """
 
     errno = errno.EAGAIN
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str = "",
+        mode: LockMode | None = None,
+        free_modes: frozenset[LockMode] = frozenset(),
+    ) -> None:
+        super().__init__(message)
+        self.path = path
+        self.mode = mode
+        self.free_modes = free_modes
