@@ -818,7 +818,7 @@ async def _serve_mount(cfg: MountConfig, reporter: _Reporter, state: _State) -> 
         raise
     except (QedError, OSError) as exc:
         await _abandon(image, created_overlay, cfg.image_path)
-        message = _one_line(exc)
+        message = _one_line(_with_read_only_hint(exc, cfg))
         if cfg.image_path not in message:
             message = f"Could not open '{cfg.image_path}': {message}"
         raise _StartupError(message) from None
@@ -916,6 +916,26 @@ async def _abandon(image: QedImage | None, created_overlay: bool, path: str) -> 
         if created_overlay:
             with contextlib.suppress(OSError):
                 os.unlink(path)
+
+
+#: What a read-write mount refused by a lock or by permissions suggests (when it would work).
+READ_ONLY_HINT = "Mount it with -o ro to share it read-only."
+
+
+def _with_read_only_hint(exc: Exception, cfg: MountConfig) -> Exception:
+    """Suggest ``-o ro`` where it helps: a reader's lock on the image, or no write access."""
+    from qedfuse.errors import BackingFileError, LockError
+    from qedfuse.locking import LockMode, with_hint
+
+    if cfg.options.read_only or cfg.overlay_base is not None:
+        return exc
+    if isinstance(exc, LockError):
+        return with_hint(exc, LockMode.READ_ONLY, READ_ONLY_HINT)
+    cause = exc if isinstance(exc, OSError) else exc.__cause__
+    refused = isinstance(cause, OSError) and cause.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+    if refused and not isinstance(exc, BackingFileError):
+        return QedError(f"{_one_line(exc)}. Mount it with -o ro to open it read-only.")
+    return exc
 
 
 async def _open_image(cfg: MountConfig) -> QedImage:
@@ -1172,6 +1192,16 @@ def _is_stopped(pid: int) -> bool:
     except OSError:
         return False
     return text[text.rfind(")") + 2 :][:1] in ("T", "t")
+
+
+def mountpoint_of_daemon(pid: int) -> str | None:
+    """The mount point the live qedfuse daemon ``pid`` serves, per the registry, or None."""
+    for directory in _registry_dirs():
+        for path in glob.glob(os.path.join(directory, "mount-*.json")):
+            found = _read_record(path)
+            if found is not None and found[0] == pid:
+                return str(found[1].get("mountpoint", "?"))
+    return None
 
 
 # ---------------------------------------------------------------------------- umount

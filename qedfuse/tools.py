@@ -26,7 +26,13 @@ from typing import TYPE_CHECKING, Final, TypeVar
 import trio
 
 from qedfuse import format as fmt
-from qedfuse.backing import RawImage, backing_chain, open_path, resolve_backing_name
+from qedfuse.backing import (
+    RawImage,
+    backing_chain,
+    lock_backing_chain,
+    open_path,
+    resolve_backing_name,
+)
 from qedfuse.engine import (
     GuestSource,
     Kind,
@@ -37,9 +43,9 @@ from qedfuse.engine import (
     read_backing_name,
     read_header,
 )
-from qedfuse.errors import BackingFileError, QedError
+from qedfuse.errors import BackingFileError, LockError, QedError
 from qedfuse.imagefile import BlockFile, FileImage, open_file
-from qedfuse.locking import LockMode, lock_image
+from qedfuse.locking import LockMode, lock_image, with_hint
 
 if TYPE_CHECKING:
     from qedfuse.check import CheckReport, DuplicateMode
@@ -154,7 +160,14 @@ def _absolute(path: str) -> str:
     return os.path.abspath(path)
 
 
-def _open_failed(path: str, exc: Exception) -> CliError:
+#: What a read-only command (info, map, check, convert's source) suggests on a lock conflict.
+FORCE_SHARE_HINT: Final = "Use -U (force-share) to read it anyway."
+
+
+def _open_failed(path: str, exc: Exception, *, hint_force_share: bool = False) -> CliError:
+    """``Could not open 'path': …``; a lock conflict of a command that has ``-U`` says so."""
+    if hint_force_share and isinstance(exc, LockError):
+        exc = with_hint(exc, LockMode.SHARED, FORCE_SHARE_HINT)
     text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
     return CliError(f"Could not open '{path}': {text}")
 
@@ -184,7 +197,8 @@ async def open_top(
             await file.aclose()
             raise
     except (QedError, OSError) as exc:
-        raise _open_failed(path, exc) from exc
+        hint = read_only and mode is LockMode.READ_ONLY
+        raise _open_failed(path, exc, hint_force_share=hint) from exc
 
 
 async def _open_raw(path: str, *, lock_mode: LockMode) -> RawImage:
@@ -199,7 +213,8 @@ async def _open_raw(path: str, *, lock_mode: LockMode) -> RawImage:
     except BaseException as exc:
         await file.aclose()
         if isinstance(exc, (QedError, OSError)):
-            raise _open_failed(path, exc) from exc
+            hint = lock_mode is LockMode.READ_ONLY
+            raise _open_failed(path, exc, hint_force_share=hint) from exc
         raise
 
 
@@ -377,7 +392,9 @@ async def create(
     fd, created = _create_target(path, force=force)
     file = FileImage(fd, read_only=False)
     try:
-        _lock(fd, LockMode.READ_WRITE, path)
+        # qemu-img create's lock: write and resize, refusing only other resizers, so it
+        # overwrites what QEMU would overwrite (a raw file another writer shares) and no more
+        _lock(fd, LockMode.CREATE, path)
         await create_image(
             file,
             size,
@@ -611,6 +628,7 @@ async def check(
         file = FileImage.open(path, read_only=not writable, growable=writable)
     except OSError as exc:
         raise _open_failed(path, exc) from exc
+    backing_files: list[FileImage] = []
     try:
         if writable:
             mode = LockMode.READ_WRITE
@@ -619,8 +637,11 @@ async def check(
         try:
             _lock(file.fd, mode, path)
             await read_header(file)
+            # qemu-img check opens the backing chain too, so its writers refuse a check
+            backing_files = await lock_backing_chain(path, force_share=force_share)
         except (QedError, OSError) as exc:
-            raise _open_failed(path, exc) from exc
+            hint = mode is LockMode.READ_ONLY
+            raise _open_failed(path, exc, hint_force_share=hint) from exc
         try:
             return await check_image(
                 file,
@@ -635,6 +656,8 @@ async def check(
             text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise CliError(f"Check failed: {text}") from exc
     finally:
+        for backing_file in backing_files:
+            await backing_file.aclose()
         await file.aclose()
 
 
@@ -1077,7 +1100,9 @@ async def commit(path: str, *, progress: Progress | None = None) -> CommitResult
     The overlay is left as it is (``qemu-img commit -d``); a backing image smaller than the
     overlay is grown first.  The backing image is opened read-write and locked as such.
     """
-    top = await open_top(path, read_only=True, with_backing=False)
+    # qemu-img commit opens the overlay read-write (it would empty it without -d), so a
+    # reader of the overlay refuses the commit as it refuses QEMU's
+    top = await open_top(path, read_only=True, lock_mode=LockMode.READ_WRITE, with_backing=False)
     async with top:
         stored = await read_backing_name(top.file, top.header)
         if not stored:
@@ -1149,7 +1174,9 @@ async def _commit_to_raw(
     except OSError as exc:
         raise _open_failed(backing_path, exc) from exc
     try:
-        lock_image(out.fd, LockMode.READ_WRITE, backing_path)
+        # a raw base is locked as QEMU's commit job locks it: it writes and may grow the
+        # file but, raw having no metadata, shares both with others
+        lock_image(out.fd, LockMode.WRITE_SHARED, backing_path)
         base_size = await out.size()
         if base_size < top.image_size:
             if out.is_block_device:
