@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
+import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from clifork import ForkedCli
 from fusehelpers import QEDFUSE, mount_entry, mounted, mounts_snapshot, wait_until
 
-from support import check_ok, require_tool, run
+from support import check_ok, describe, require_tool, run
 
 pytestmark = [pytest.mark.fuse, pytest.mark.qemu]
 
@@ -28,7 +32,7 @@ def locked_bytes(path: Path) -> set[int]:
     """Bytes covered by the OFD locks /proc/locks lists for ``path``'s inode."""
     st = os.stat(path)
     ident = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    found = set()
+    found: set[int] = set()
     with open("/proc/locks", encoding="ascii") as f:
         for line in f:
             fields = line.split()
@@ -150,17 +154,219 @@ def test_two_mounts_of_one_image(tmp_path: Path) -> None:
         assert 'Failed to get shared "write" lock' in line, line
 
 
-def test_overlay_base_is_shared_read_only(tmp_path: Path) -> None:
+def test_overlay_base_is_locked_as_qemu_locks_a_qed_backing_file(tmp_path: Path) -> None:
+    """QEMU holds a QED backing file with 100, 201, 203: readers and more overlays are fine."""
     qemu_img = require_tool("qemu-img")
     base = _create(tmp_path, "base.qed")
     with mounted(
         base, tmp_path / "mnt", "--overlay", str(tmp_path / "new.qed"), raw_name="new.raw"
     ):
-        assert locked_bytes(base) == {100}
+        assert locked_bytes(base) == RO_BYTES
         assert locked_bytes(tmp_path / "new.qed") == RW_BYTES
         check_ok(run([qemu_img, "info", base]))
         # a second overlay on the same base is fine: the base is only read
         with mounted(
             base, tmp_path / "mnt2", "--overlay", str(tmp_path / "new2.qed"), raw_name="new2.raw"
         ):
-            assert locked_bytes(base) == {100}
+            assert locked_bytes(base) == RO_BYTES
+        cp = run([qemu_img, "resize", base, "+1M"])  # but nobody may change it
+        assert 'Failed to get "write" lock' in cp.stderr, cp.stderr
+
+
+# ------------------------------------------------- a conflict names its holder (issue 12)
+
+_cli = ForkedCli()  # the real command line, forked: 48 commands per run without 0.5 s each
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_cli() -> Iterator[None]:
+    yield
+    _cli.close()
+
+
+@contextlib.contextmanager
+def _holder(kind: str, image: Path, tmp_path: Path) -> Iterator[tuple[int, str]]:
+    """Hold ``image`` as ``kind``; yield (pid, how the error must name it)."""
+    if kind.startswith("mount"):
+        opts = ("-o", "ro") if kind == "mount ro" else ()
+        with mounted(image, tmp_path / "holder", *opts) as m:
+            yield m.pid, f"pid {m.pid} (the qedfuse mount on {tmp_path / 'holder'})"
+        return
+    flags = ["-r"] if kind == "qemu-io -r" else []
+    proc = subprocess.Popen(
+        [require_tool("qemu-io"), *flags, "-f", "qed", str(image)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(lambda: 100 in locked_bytes(image), 20, "qemu-io to lock the image")
+        yield proc.pid, f"pid {proc.pid} (qemu-io {' '.join([*flags, '-f', 'qed', image.name])})"
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.wait(timeout=20)
+
+
+#: command -> (argv after qedfuse, the same with the suggested fix applied, hint text)
+_COMMANDS = {
+    "info": (["info"], ["info", "-U"], "Use -U (force-share) to read it anyway."),
+    "map": (["map"], ["map", "-U"], "Use -U (force-share) to read it anyway."),
+    "check": (["check"], ["check", "-U"], "Use -U (force-share) to read it anyway."),
+    "convert": (["convert", "-O", "raw"], ["convert", "-U", "-O", "raw"], "Use -U"),
+    "mount": (["mount"], ["mount", "-o", "ro"], "Mount it with -o ro to share it read-only."),
+    "resize": (["resize"], None, None),
+}
+
+
+def _argv(args: list[str], image: Path, tmp_path: Path, n: int) -> list[str]:
+    if args[0] == "convert":
+        return [*args, str(image), str(tmp_path / f"out{n}.raw")]
+    if args[0] == "mount":
+        (tmp_path / f"m{n}").mkdir(exist_ok=True)
+        return [*args, str(image), str(tmp_path / f"m{n}")]
+    if args[0] == "resize":
+        return [*args, str(image), "+1M"]
+    return [*args, str(image)]
+
+
+@pytest.mark.parametrize("kind", ["qemu-io", "qemu-io -r", "mount rw", "mount ro"])
+@pytest.mark.parametrize("command", list(_COMMANDS))
+def test_conflict_names_the_holder_and_a_fix_that_works(
+    tmp_path: Path, kind: str, command: str
+) -> None:
+    """Every refusal names the holder; a hint is given exactly when following it works."""
+    image = _create(tmp_path)
+    args, fixed, hint = _COMMANDS[command]
+    with _holder(kind, image, tmp_path) as (_pid, named):
+        cp = _cli(*_argv(args, image, tmp_path, 1))
+        if cp.returncode == 0:  # a reader next to a reader: nothing to refuse
+            assert kind in ("qemu-io -r", "mount ro"), describe(cp)
+            assert command != "resize", describe(cp)
+            if command == "mount":
+                check_ok(_cli("umount", "--wait", tmp_path / "m1"))
+            return
+        lines = cp.stderr.splitlines()
+        assert len(lines) == 1, describe(cp)
+        assert lines[0].startswith("qedfuse: "), describe(cp)
+        assert "lock" in lines[0], lines[0]
+        assert f"It is held by {named}." in lines[0], lines[0]
+        if fixed is None:
+            assert "-U" not in lines[0], lines[0]
+            assert "-o ro" not in lines[0], lines[0]
+            return
+        cp2 = _cli(*_argv(fixed, image, tmp_path, 2))
+        assert hint is not None
+        if cp2.returncode == 0:
+            assert hint in lines[0], f"the fix works but is not suggested: {lines[0]}"
+            if command == "mount":
+                check_ok(_cli("umount", "--wait", tmp_path / "m2"))
+        else:
+            assert hint not in lines[0], f"suggested, but it fails: {lines[0]}\n{describe(cp2)}"
+
+
+def test_conflict_on_a_backing_file_names_its_holder(tmp_path: Path) -> None:
+    """A writer of the base refuses a mount of its overlay, naming the writer."""
+    base = _create(tmp_path, "base.qed")
+    top = tmp_path / "top.qed"
+    check_ok(run([require_tool("qemu-img"), "create", "-f", "qed", "-b", base, "-F", "qed", top]))
+    with _holder("qemu-io", base, tmp_path) as (_pid, named):
+        line = _refused(top, tmp_path / "mnt")
+        assert f"[{base}]" in line, line
+        assert f"It is held by {named}." in line, line
+        # -o ro would not help (the base is written), so it is not suggested
+        assert "-o ro" not in line, line
+        _refused(top, tmp_path / "mnt", "-o", "ro")
+
+
+def test_every_holder_is_named(tmp_path: Path) -> None:
+    image = _create(tmp_path)
+    with contextlib.ExitStack() as stack:
+        named = [stack.enter_context(_holder("qemu-io -r", image, tmp_path))[1] for _ in range(2)]
+        line = _refused(image, tmp_path / "mnt")
+    assert all(n in line for n in named), line
+
+
+def test_holder_scan_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scan of /proc stops at its fd budget: the error then just names nobody."""
+    from qedfuse import locking
+    from qedfuse.errors import LockError
+
+    image = _create(tmp_path)
+    with qemu_io_holding(image, expect=RW_BYTES):
+        fd = os.open(image, os.O_RDONLY)
+        try:
+            start = time.monotonic()
+            with pytest.raises(LockError, match=r"held by pid \d+ \(qemu-io"):
+                locking.lock_image(fd, locking.LockMode.READ_ONLY, str(image))
+            assert time.monotonic() - start < locking.MAX_SCAN_SECONDS + 0.5
+            monkeypatch.setattr(locking, "MAX_SCANNED_FDS", 0)
+            with pytest.raises(LockError) as caught:
+                locking.lock_image(fd, locking.LockMode.READ_ONLY, str(image))
+            assert "held by" not in str(caught.value)
+            assert locked_bytes(image) == RW_BYTES  # a refused lock leaves nothing behind
+        finally:
+            os.close(fd)
+
+
+# ------------------------------------------- a read-write open refused by permissions
+
+
+@contextlib.contextmanager
+def _unwritable(how: str, tmp_path: Path) -> Iterator[tuple[Path, list[str]]]:
+    """An image a read-write open is refused (EACCES, EPERM or EROFS); yield it and a prefix."""
+    if os.geteuid() != 0 and how != "eacces":
+        pytest.skip(f"{how} needs root (chattr +i / a read-only bind mount)")
+    directory = Path(tempfile.mkdtemp(prefix="qedfuse-perm-"))
+    try:
+        directory.chmod(0o755)
+        image = _create(directory)
+        image.chmod(0o644)
+        if how == "eacces":
+            prefix = []
+            if os.geteuid() == 0:
+                prefix = [require_tool("setpriv"), "--reuid=65534", "--regid=65534",
+                          "--clear-groups"]  # fmt: skip
+            else:
+                image.chmod(0o444)
+            yield image, prefix
+        elif how == "eperm":
+            check_ok(run([require_tool("chattr"), "+i", image]))
+            try:
+                yield image, []
+            finally:
+                run([require_tool("chattr"), "-i", image])
+        else:
+            ro = directory / "ro"
+            ro.mkdir()
+            check_ok(run(["mount", "--bind", "-o", "ro", directory, ro]))
+            try:
+                yield ro / image.name, []
+            finally:
+                check_ok(run(["umount", ro]))
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.mark.parametrize("how", ["eacces", "eperm", "erofs"])
+def test_permission_refusal_suggests_read_only(tmp_path: Path, how: str) -> None:
+    reason = {"eacces": "Permission denied", "eperm": "Operation not permitted",
+              "erofs": "Read-only file system"}[how]  # fmt: skip
+    with _unwritable(how, tmp_path) as (image, prefix):
+        mnt = Path(tempfile.mkdtemp(prefix="qedfuse-perm-mnt-"))
+        try:
+            mnt.chmod(0o777)
+            cp = run([*prefix, QEDFUSE, "mount", image, mnt], timeout=30)
+            assert cp.returncode == 1, describe(cp)
+            lines = cp.stderr.splitlines()
+            assert len(lines) == 1, describe(cp)
+            assert reason in lines[0], lines[0]
+            assert "Mount it with -o ro" in lines[0], lines[0]
+            cp = run([*prefix, QEDFUSE, "resize", image, "+1M"], timeout=30)
+            assert cp.returncode != 0, describe(cp)
+            assert "-o ro" not in cp.stderr, describe(cp)
+            if not prefix:  # following the hint works (an unprivileged FUSE mount may not)
+                with mounted(image, mnt, "-o", "ro") as m:
+                    assert m.raw.read_bytes()[:512] == bytes(512)
+        finally:
+            mnt.rmdir()
