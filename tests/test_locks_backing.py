@@ -358,3 +358,90 @@ def test_lock_matrix(tmp_path: Path, base_fmt: str, held: str, holder: str) -> N
         if outcome != want:
             wrong.append(f"{name} on {target}: {outcome}, QEMU says {want} ({stderr})")
     assert not wrong, f"{holder} holding {held} ({base_fmt} base):\n" + "\n".join(wrong)
+
+
+# ------------------------------------------------------------ longer chains, force-share
+
+
+def _qemu_img(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return run([require_tool("qemu-img"), *args])
+
+
+@pytest.mark.parametrize("read_only", [False, True], ids=["rw", "ro"])
+@pytest.mark.parametrize("base_fmt", ["qed", "raw"])
+def test_three_levels_locked_as_qemu_locks_them(
+    tmp_path: Path, base_fmt: str, read_only: bool
+) -> None:
+    """top -> mid (QED) -> base: every level carries QEMU's bytes, its writers are refused."""
+    base, mid, top = tmp_path / f"base.{base_fmt}", tmp_path / "mid.qed", tmp_path / "top.qed"
+    check_ok(_qemu_img("create", "-f", base_fmt, base, SIZE))
+    check_ok(_qemu_img("create", "-f", "qed", "-b", base, "-F", base_fmt, mid))
+    check_ok(_qemu_img("create", "-f", "qed", "-b", mid, "-F", "qed", top))
+    levels = {"top": top, "mid": mid, "base": base}
+    fmts = {"top": "qed", "mid": "qed", "base": base_fmt}
+
+    def writers() -> dict[str, str]:
+        found = {}
+        for name, path in levels.items():
+            cp = _qemu_img("resize", "-f", fmts[name], path, "+1M")
+            found[f"qemu-img resize {name}"] = OK if cp.returncode == 0 else LOCKED
+            if fmts[name] == "qed":
+                cp = _cli("resize", path, "+1M")
+                found[f"qedfuse resize {name}"] = OK if cp.returncode == 0 else LOCKED
+        return found
+
+    flags = ["-r"] if read_only else []
+    qemu_io = [require_tool("qemu-io"), *flags, "-f", "qed", str(top)]
+    with _process_holding(qemu_io, list(levels.values())):
+        qemu_bytes = {name: locked_bytes(p) for name, p in levels.items()}
+        qemu_outcomes = writers()
+    # the oracle itself: a QED level below the top is locked against writers, a raw one not
+    assert qemu_bytes["mid"] == {100, 201, 203}
+    assert qemu_bytes["base"] == ({100, 201, 203} if base_fmt == "qed" else {100})
+    for tool in ("qemu-img", "qedfuse"):
+        assert qemu_outcomes.get(f"{tool} resize mid", LOCKED) == LOCKED
+    opts = ("-o", "ro") if read_only else ()
+    with mounted(top, tmp_path / "mnt", *opts):
+        assert {name: locked_bytes(p) for name, p in levels.items()} == qemu_bytes
+        assert writers() == qemu_outcomes
+    assert all(locked_bytes(p) == set() for p in levels.values())
+
+
+#: qedfuse read-only command -> its qemu-img twin (same arguments)
+_READERS = {
+    "map": ["map"],
+    "check": ["check"],
+    "info": ["info"],
+    "convert": ["convert", "-O", "raw"],
+}
+
+
+@pytest.mark.parametrize("command", list(_READERS))
+@pytest.mark.parametrize("writer", ["qemu-io", "mount rw"])
+def test_force_share_reads_past_a_writer_of_the_base(
+    tmp_path: Path, command: str, writer: str
+) -> None:
+    """With the base written, a reader of the overlay is refused unless -U, as in QEMU."""
+    chain = make_chain(tmp_path / "c", "qed")
+    out = tmp_path / "out.raw"
+
+    def argv(force_share: bool) -> list[str | Path]:
+        args: list[str | Path] = [_READERS[command][0]]
+        if force_share:
+            args.append("-U")
+        args += _READERS[command][1:]
+        args.append(chain.top)
+        if command == "convert":
+            out.unlink(missing_ok=True)
+            args.append(out)
+        return args
+
+    hold, _ = HOLDERS[writer]
+    with hold(chain, "base"):
+        for force_share in (False, True):
+            want = _qemu_img(*argv(force_share))
+            got = _cli(*argv(force_share))
+            assert (got.returncode == 0) == (want.returncode == 0), (describe(want), describe(got))
+            if got.returncode != 0:
+                assert f"[{chain.base}]" in got.stderr, got.stderr
+                assert "Use -U (force-share)" in got.stderr, got.stderr
