@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 
 from qedfuse import format as fmt
 from qedfuse.engine import GuestSource, OpenOptions, QedImage, open_image, read_backing_name
-from qedfuse.errors import BackingFileError, QedError
+from qedfuse.errors import BackingFileError, LockError, QedError
 from qedfuse.imagefile import BlockFile, FileImage, open_file
 from qedfuse.locking import LockMode, lock_image
 
@@ -283,22 +283,49 @@ async def lock_backing_chain(path: str, *, force_share: bool) -> list[FileImage]
     """Lock every backing file below ``path`` as opening the chain would, without opening it.
 
     For commands that work on one file but whose QEMU counterpart opens the whole chain
-    (``check``): they must be refused by a writer of a QED backing file as QEMU is.  A chain
-    that cannot be walked (missing file, loop) locks nothing here: the command itself does
-    not need it.  Returns the locked files; the caller closes them.
+    (``check``): they must be refused by a writer of a QED backing file as QEMU is.  The walk
+    stops quietly where the chain cannot be followed (missing or refused name, not a regular
+    file or block device, a loop, too deep, a bad header): the command does not need it.
+    Only a lock conflict is an error.  Returns the locked files; the caller closes them.
     """
-    try:
-        chain = await backing_chain(path)
-    except (QedError, OSError):
-        return []
+    from qedfuse.engine import read_header
+
     files: list[FileImage] = []
+    seen: set[tuple[int, int]] = set()
+    current = _absolute(path)
     try:
-        for level_path, level_format in chain[1:]:
-            fd = _open_fd(level_path, read_only=True, what="Could not open backing file: ")
+        top = FileImage(_open_fd(current, read_only=True, what=""), read_only=True)
+        try:
+            st = os.fstat(top.fd)
+            seen.add((st.st_dev, st.st_ino))
+            header, _, _ = await read_header(top)
+            name, raw = await read_backing_name(top, header), header.backing_is_raw
+        finally:
+            await top.aclose()
+        while name and len(files) < MAX_CHAIN_DEPTH:
+            level = resolve_backing_name(name, current)
+            fd = open_file(level, read_only=True)  # a regular file or block device; never blocks
             file = FileImage(fd, read_only=True)
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) in seen:
+                await file.aclose()
+                break
+            seen.add((st.st_dev, st.st_ino))
             files.append(file)
+            level_format = "raw" if raw else await _detect_format(file)
             shared = force_share or level_format == "raw"
-            lock_image(fd, LockMode.SHARED if shared else LockMode.READ_ONLY, level_path)
+            lock_image(fd, LockMode.SHARED if shared else LockMode.READ_ONLY, level)
+            if level_format == "raw":
+                break
+            header, _, _ = await read_header(file)
+            name, raw = await read_backing_name(file, header), header.backing_is_raw
+            current = level
+    except LockError:
+        for file in files:
+            await file.aclose()
+        raise
+    except (QedError, OSError):
+        pass  # the rest of the chain cannot be followed: nothing more to lock
     except BaseException:
         for file in files:
             await file.aclose()

@@ -13,6 +13,7 @@ in /proc/locks as its QEMU equivalent on every file of the chain.
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from clifork import ForkedCli
-from fusehelpers import mounted, wait_until
+from fusehelpers import QEDFUSE, mounted, wait_until
 from test_locking import locked_bytes
 
 from support import check_ok, describe, require_tool, run
@@ -445,3 +446,19 @@ def test_force_share_reads_past_a_writer_of_the_base(
             if got.returncode != 0:
                 assert f"[{chain.base}]" in got.stderr, got.stderr
                 assert "Use -U (force-share)" in got.stderr, got.stderr
+
+
+@pytest.mark.parametrize("backing", ["missing", "fifo", "directory", "itself", "nbd:x:1"])
+def test_check_locks_what_it_can_of_a_broken_chain(tmp_path: Path, backing: str) -> None:
+    """check locks the chain but never needs it: a chain it cannot follow is no error, no hang."""
+    top = tmp_path / "top.qed"
+    name = {"missing": "gone.raw", "itself": "top.qed"}.get(backing, backing)
+    if backing == "fifo":
+        os.mkfifo(tmp_path / "fifo")
+    elif backing == "directory":
+        (tmp_path / "directory").mkdir()
+    check_ok(_qemu_img("create", "-f", "qed", "-u", "-b", name, "-F", "raw", top, SIZE))
+    for args in (["check"], ["check", "-r", "all"], ["check", "-U"]):
+        cp = run([QEDFUSE, *args, top], timeout=20)
+        check_ok(cp)
+        assert cp.stderr == "", describe(cp)
