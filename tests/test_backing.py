@@ -417,8 +417,11 @@ async def test_backing_of_another_format_is_refused_not_misread(tmp_path: Path) 
         await open_path(str(image), read_only=True)
 
 
-async def test_backing_files_locked_shared_read_like_qemu(tmp_path: Path) -> None:
-    """A backing file gets only QEMU's "consistent read" byte, so qemu-img can still use it."""
+async def test_backing_files_locked_like_qemu(tmp_path: Path) -> None:
+    """A QED backing file gets QEMU's bytes 100, 201, 203: readable by qemu-img, not writable.
+
+    (tests/test_locks_backing.py compares every level with qemu-io holding the same chain.)
+    """
     base = tmp_path / "base.qed"
     top = tmp_path / "top.qed"
     qemu_img("create", "-q", "-f", "qed", base, "1M")
@@ -426,8 +429,14 @@ async def test_backing_files_locked_shared_read_like_qemu(tmp_path: Path) -> Non
     async with await open_path(str(top), read_only=False):
         inode = os.stat(base).st_ino
         lines = [ln for ln in proc_locks() if f":{inode} " in ln]
-        assert [ln.split()[-2:] for ln in lines] == [["100", "100"]]
-        qemu_img("info", base)  # allowed: the backing file is shared
+        assert sorted(ln.split()[-2:] for ln in lines) == [
+            ["100", "100"],
+            ["201", "201"],
+            ["203", "203"],
+        ]
+        qemu_img("info", base)  # allowed: the backing file is only read
+        cp = run([require_tool("qemu-img"), "resize", str(base), "+1M"])
+        assert 'Failed to get "write" lock' in cp.stderr
         cp = run([require_tool("qemu-img"), "info", str(top)])
         assert cp.returncode != 0
         assert 'Failed to get shared "write" lock' in cp.stderr
