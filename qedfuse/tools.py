@@ -1098,7 +1098,8 @@ async def commit(path: str, *, progress: Progress | None = None) -> CommitResult
     """Write the overlay's own data and zero clusters into its backing image.
 
     The overlay is left as it is (``qemu-img commit -d``); a backing image smaller than the
-    overlay is grown first.  The backing image is opened read-write and locked as such.
+    overlay is grown first.  Locks are qemu-img commit's: the overlay read-write, a QED
+    backing image read-write, a raw one write-shared.
     """
     # qemu-img commit opens the overlay read-write (it would empty it without -d), so a
     # reader of the overlay refuses the commit as it refuses QEMU's
