@@ -84,6 +84,8 @@ def _refused(image: Path, mnt: Path, *opts: str) -> str:
     mnt.mkdir(exist_ok=True)
     before = mounts_snapshot(mnt.parent)
     cp = run([QEDFUSE, "mount", *opts, str(image), str(mnt)], timeout=30)
+    if cp.returncode == 0:  # wrongly mounted: do not leave it behind
+        run([QEDFUSE, "umount", "--wait", "--timeout", "30", str(mnt)], timeout=60)
     assert cp.returncode == 1, cp.stderr
     lines = cp.stderr.splitlines()
     assert len(lines) == 1, cp.stderr
