@@ -216,9 +216,9 @@ def describe_holders(fd: int, offset: int) -> str:
     """``pid 12 (qemu-io -f qed a.qed)``, …, for the holders of ``offset``; '' if unknown."""
     try:
         pids = find_holders(fd, offset)
-    except OSError:
+        shown = [_describe_pid(pid) for pid in pids[:MAX_SHOWN_HOLDERS]]
+    except Exception:  # naming the holder is a courtesy: never lose the lock error over it
         return ""
-    shown = [_describe_pid(pid) for pid in pids[:MAX_SHOWN_HOLDERS]]
     if len(pids) > MAX_SHOWN_HOLDERS:
         shown.append(f"{len(pids) - MAX_SHOWN_HOLDERS} more")
     return ", ".join(shown)

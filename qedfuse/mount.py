@@ -1199,8 +1199,8 @@ def mountpoint_of_daemon(pid: int) -> str | None:
     for directory in _registry_dirs():
         for path in glob.glob(os.path.join(directory, "mount-*.json")):
             found = _read_record(path)
-            if found is not None and found[0] == pid:
-                return str(found[1].get("mountpoint", "?"))
+            if found is not None and found.pid == pid:
+                return found.mountpoint
     return None
 
 
