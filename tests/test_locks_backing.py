@@ -448,16 +448,21 @@ def test_force_share_reads_past_a_writer_of_the_base(
                 assert "Use -U (force-share)" in got.stderr, got.stderr
 
 
-@pytest.mark.parametrize("backing", ["missing", "fifo", "directory", "itself", "nbd:x:1"])
+@pytest.mark.parametrize(
+    "backing", ["missing", "fifo", "directory", "itself", "itself-qed", "nbd:x:1"]
+)
 def test_check_locks_what_it_can_of_a_broken_chain(tmp_path: Path, backing: str) -> None:
     """check locks the chain but never needs it: a chain it cannot follow is no error, no hang."""
     top = tmp_path / "top.qed"
-    name = {"missing": "gone.raw", "itself": "top.qed"}.get(backing, backing)
+    name = {"missing": "gone.raw", "itself": "top.qed", "itself-qed": "top.qed"}.get(
+        backing, backing
+    )
+    backing_fmt = "qed" if backing == "itself-qed" else "raw"
     if backing == "fifo":
         os.mkfifo(tmp_path / "fifo")
     elif backing == "directory":
         (tmp_path / "directory").mkdir()
-    check_ok(_qemu_img("create", "-f", "qed", "-u", "-b", name, "-F", "raw", top, SIZE))
+    check_ok(_qemu_img("create", "-f", "qed", "-u", "-b", name, "-F", backing_fmt, top, SIZE))
     for args in (["check"], ["check", "-r", "all"], ["check", "-U"]):
         cp = run([QEDFUSE, *args, top], timeout=20)
         check_ok(cp)
