@@ -41,7 +41,9 @@ from qedfuse.tools import CliError, UsageError
 
 PROG = "qedfuse"
 OFFLINE_COMMANDS = ("create", "info", "check", "convert", "map", "resize", "commit")
-COMMANDS = ("mount", "umount", *OFFLINE_COMMANDS)
+#: Commands that ask running mount daemons (through their control sockets).
+DAEMON_COMMANDS = ("status", "list", "flush")
+COMMANDS = ("mount", "umount", *OFFLINE_COMMANDS, *DAEMON_COMMANDS)
 #: Options of the top-level parser that may precede the command.
 _GLOBAL_FLAGS = ("--debug", "-V", "--version", "-h", "--help")
 #: Exit status for a closed stdout (128 + SIGPIPE, what a shell shows for a killed writer).
@@ -254,6 +256,31 @@ def build_parser(*, with_mount: bool = False) -> argparse.ArgumentParser:
     p.add_argument("-p", dest="progress", action="store_true", help="show progress on stderr")
     _add_quiet(p)
     p.add_argument("image", metavar="IMAGE")
+
+    from qedfuse.control import FLUSH_TIMEOUT_S, STATUS_TIMEOUT_S
+
+    def add_timeout(p: argparse.ArgumentParser, default: float) -> None:
+        p.add_argument(
+            "--timeout",
+            type=float,
+            default=default,
+            metavar="S",
+            help=f"give up on a daemon that has not answered after S seconds (default {default:g})",
+        )
+
+    p = add("status", "live figures of running mounts, from their daemons")
+    _add_output(p)
+    add_timeout(p, STATUS_TIMEOUT_S)
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?", help="one mount (default: all)")
+
+    p = add("list", "list the qedfuse mounts and whether their daemons answer")
+    _add_output(p)
+    add_timeout(p, STATUS_TIMEOUT_S)
+
+    p = add("flush", "run a mount's ordered flush now (NEED_CHECK is then clear on disk)")
+    _add_output(p)
+    add_timeout(p, FLUSH_TIMEOUT_S)
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
     return parser
 
 
@@ -475,6 +502,55 @@ def _run_commit(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _ask_daemons(ns: argparse.Namespace, command: str) -> list[dict[str, object]]:
+    """``command`` answered by the daemon of ``ns.mountpoint``, or of every qedfuse mount."""
+    from qedfuse import control
+    from qedfuse.mount import qedfuse_mounts
+
+    mountpoint = getattr(ns, "mountpoint", None)
+    refs = qedfuse_mounts(mountpoint)
+    if mountpoint is not None and not refs:
+        raise CliError(f"{os.path.abspath(mountpoint)} is not a qedfuse mount")
+    return [control.query(ref, command, ns.timeout) for ref in refs]
+
+
+def _run_status(ns: argparse.Namespace) -> int:
+    from qedfuse import control
+
+    answers = _ask_daemons(ns, "status")
+    if _output(ns) == "json":
+        _dump_json(answers)
+    else:
+        sys.stdout.write("\n".join(control.status_text(a) for a in answers))
+    return 0 if all(a.get("ok") for a in answers) else 1
+
+
+def _run_list(ns: argparse.Namespace) -> int:
+    from qedfuse import control
+
+    answers = _ask_daemons(ns, "status")
+    if _output(ns) == "json":
+        keys = ("mountpoint", "image", "pid", "state", "uptime_seconds", "error")
+        _dump_json([{k: a[k] for k in keys if k in a} for a in answers])
+    else:
+        for answer in answers:
+            print(control.list_line(answer))
+    return 0
+
+
+def _run_flush(ns: argparse.Namespace) -> int:
+    from qedfuse import control
+
+    (answer,) = _ask_daemons(ns, "flush")
+    if _output(ns) == "json":
+        _dump_json(answer)
+    elif answer.get("ok"):
+        print(control.flush_text(answer))
+    else:
+        raise CliError(control.flush_text(answer))
+    return 0 if answer.get("ok") else 1
+
+
 def _output(ns: argparse.Namespace) -> str:
     return str(ns.output or "human")
 
@@ -487,6 +563,9 @@ _HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "map": _run_map,
     "resize": _run_resize,
     "commit": _run_commit,
+    "status": _run_status,
+    "list": _run_list,
+    "flush": _run_flush,
 }
 
 

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import time
 from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -73,6 +74,7 @@ from qedfuse.errors import (
     QedError,
     ReadOnlyError,
 )
+from qedfuse.records import StatsRecord
 
 if TYPE_CHECKING:
     from qedfuse.imagefile import BlockFile, Buffer
@@ -192,6 +194,32 @@ class L2Cache:
     def __len__(self) -> int:
         return len(self._tables)
 
+    def statistics(self) -> CacheStatistics:
+        """The cache's figures now (for ``qedfuse status``)."""
+        lookups = self.hits + self.misses
+        return CacheStatistics(
+            capacity_tables=self.capacity,
+            table_bytes=self.table_bytes,
+            cached_tables=len(self._tables),
+            dirty_tables=self.n_dirty,
+            hits=self.hits,
+            misses=self.misses,
+            hit_rate=self.hits / lookups if lookups else None,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CacheStatistics(StatsRecord):
+    """The L2 cache's figures: size, dirty tables, hits (found cached) and misses (read)."""
+
+    capacity_tables: int
+    table_bytes: int
+    cached_tables: int
+    dirty_tables: int
+    hits: int
+    misses: int
+    hit_rate: float | None  # None before the first lookup
+
 
 @dataclass
 class EngineStats:
@@ -203,6 +231,42 @@ class EngineStats:
     zero_writes_skipped: int = 0
     flushes: int = 0
     need_check_sets: int = 0
+    flush_failures: int = 0
+    #: Duration of the last completed flush and the longest one, in seconds.
+    last_flush_seconds: float | None = None
+    max_flush_seconds: float = 0.0
+    #: L2 tables and L1 pages the completed flushes wrote.
+    l2_tables_flushed: int = 0
+    l1_pages_flushed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStatistics(StatsRecord):
+    """The engine's figures (see :meth:`QedImage.statistics`)."""
+
+    image_size_bytes: int
+    cluster_size_bytes: int
+    read_only: bool
+    #: Where the next cluster goes: the file's length in whole clusters, in bytes.
+    allocator_end_bytes: int
+    #: Clusters past the header, L1 and L2 tables: guest data (and leaks, if any).
+    data_clusters: int
+    l2_tables: int
+    clusters_allocated: int  # by this process
+    new_l2_tables: int
+    zero_clusters_written: int
+    zero_writes_skipped: int
+    flushes: int
+    flush_failures: int
+    last_flush_seconds: float | None
+    max_flush_seconds: float
+    l2_tables_flushed: int
+    l1_pages_flushed: int
+    dirty_l2_tables: int
+    dirty_l1_pages: int
+    need_check_on_disk: bool
+    need_check_sets: int
+    failsafe_reason: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -679,11 +743,23 @@ class QedImage:
                 raise FailsafeError(f"image is in failsafe mode: {self.failsafe_reason}")
             # Once started, a flush runs to completion even if its caller is cancelled.
             with trio.CancelScope(shield=True):
+                # Under the lock these are exactly what _flush_locked writes.
+                n_tables, n_pages = self._cache.n_dirty, len(self._l1_dirty_pages)
+                started = time.monotonic()
                 try:
                     await self._flush_locked()
                 except Exception as exc:
+                    self.stats.flush_failures += 1
                     await self._enter_failsafe(f"flush failed: {exc}")
                     raise
+                self._count_flush(time.monotonic() - started, n_tables, n_pages)
+
+    def _count_flush(self, seconds: float, n_tables: int, n_pages: int) -> None:
+        stats = self.stats
+        stats.last_flush_seconds = seconds
+        stats.max_flush_seconds = max(stats.max_flush_seconds, seconds)
+        stats.l2_tables_flushed += n_tables
+        stats.l1_pages_flushed += n_pages
 
     async def _flush_locked(self) -> None:
         dirty_tables = self._cache.dirty_tables()
@@ -854,6 +930,36 @@ class QedImage:
             table = await self._load_l2(offset)
             total += sum(1 for e in table.entries if e > 1)
         return total * self.geometry.cluster_size
+
+    def statistics(self) -> EngineStatistics:
+        """The engine's figures now: no I/O, a few attribute reads and one pass over L1."""
+        geo = self.geometry
+        stats = self.stats
+        n_l2 = sum(1 for offset in self._l1 if offset)
+        meta = geo.header_end_offset + geo.table_bytes * (1 + n_l2)
+        return EngineStatistics(
+            image_size_bytes=self.image_size,
+            cluster_size_bytes=geo.cluster_size,
+            read_only=self.read_only,
+            allocator_end_bytes=self._alloc_end,
+            data_clusters=max(0, self._alloc_end - meta) // geo.cluster_size,
+            l2_tables=n_l2,
+            clusters_allocated=stats.allocated_clusters,
+            new_l2_tables=stats.new_l2_tables,
+            zero_clusters_written=stats.zero_clusters_written,
+            zero_writes_skipped=stats.zero_writes_skipped,
+            flushes=stats.flushes,
+            flush_failures=stats.flush_failures,
+            last_flush_seconds=stats.last_flush_seconds,
+            max_flush_seconds=stats.max_flush_seconds,
+            l2_tables_flushed=stats.l2_tables_flushed,
+            l1_pages_flushed=stats.l1_pages_flushed,
+            dirty_l2_tables=self._cache.n_dirty,
+            dirty_l1_pages=len(self._l1_dirty_pages),
+            need_check_on_disk=self._need_check_on_disk,
+            need_check_sets=stats.need_check_sets,
+            failsafe_reason=self.failsafe_reason,
+        )
 
 
 async def read_header(file: BlockFile) -> tuple[fmt.Header, fmt.Geometry, int]:

@@ -46,6 +46,7 @@ import select
 import stat
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import pyfuse3
@@ -72,6 +73,7 @@ from qedfuse.engine import QedImage
 from qedfuse.errors import CorruptionError, QedError
 from qedfuse.imagefile import FileImage, set_queue_probe
 from qedfuse.options import CacheMode
+from qedfuse.records import StatsRecord
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +89,33 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
+@dataclass(frozen=True, slots=True)
+class RequestStatistics(StatsRecord):
+    """The request loop's figures: FUSE requests answered, guest bytes moved, errors."""
+
+    requests: int  # every request a handler answered (lookups, getattr, reads, …)
+    in_progress: int
+    reads: int
+    bytes_read: int
+    writes: int
+    bytes_written: int
+    flushes: int  # flush (close) and fsync requests that ran the ordered flush
+    errors: int  # requests answered with an error other than a deliberate FUSEError
+    last_error: str | None
+    queued_found: int  # requests the request wait found queued (no epoll wait)
+    epoll_waits: int
+    uring_operations: int
+    uring_waited: int
+
+
+def _request_range(name: str, args: tuple[Any, ...]) -> str:
+    """``guest bytes 4096+512`` for a read or write request, else the handler's name."""
+    if name in ("read", "write") and len(args) >= 3:
+        length = args[2] if isinstance(args[2], int) else len(args[2])
+        return f"{name} of guest bytes {args[1]}+{length}"
+    return name
+
+
 def guard(
     handler: Callable[Concatenate[QedFS, P], Awaitable[R]],
 ) -> Callable[Concatenate[QedFS, P], Coroutine[Any, Any, R]]:
@@ -95,22 +124,29 @@ def guard(
     @functools.wraps(handler)
     async def wrapper(self: QedFS, /, *args: P.args, **kwargs: P.kwargs) -> R:
         self.in_progress += 1
+        self.requests += 1
         try:
             return await handler(self, *args, **kwargs)
         except FUSEError:
             raise
         except CorruptionError as exc:
-            self.image.enter_failsafe(f"corrupt metadata: {exc}")
+            what = _request_range(handler.__name__, args)
+            self._error(f"{what}: {exc}")
+            self.image.enter_failsafe(f"corrupt metadata in {what}: {exc}")
             raise FUSEError(exc.errno) from None
         except QedError as exc:
+            self._error(f"{_request_range(handler.__name__, args)}: {exc}")
             log.debug("%s: %s", handler.__name__, exc)
             raise FUSEError(exc.errno) from None
         except OSError as exc:
+            self._error(f"{_request_range(handler.__name__, args)}: {exc}")
             log.debug("%s: %s", handler.__name__, exc)
             raise FUSEError(exc.errno or errno.EIO) from None
         except Exception as exc:
-            log.exception("unexpected error in the %s handler", handler.__name__)
-            self.image.enter_failsafe(f"unexpected {type(exc).__name__} in {handler.__name__}")
+            what = _request_range(handler.__name__, args)
+            self._error(f"{what}: unexpected {type(exc).__name__}: {exc}")
+            log.exception("unexpected error in the %s", what)
+            self.image.enter_failsafe(f"unexpected {type(exc).__name__} in {what}")
             raise FUSEError(errno.EIO) from None
         finally:
             self.in_progress -= 1
@@ -169,6 +205,39 @@ class QedFS(pyfuse3.Operations):
         self._next_fh = 1
         self.in_progress = 0  # requests being handled (see fuse_init)
         self._open: dict[int, int] = {}  # fh → open flags
+        # Request counters (see statistics()): plain int increments.
+        self.requests = 0
+        self.reads = 0
+        self.bytes_read = 0
+        self.writes = 0
+        self.bytes_written = 0
+        self.flushes = 0
+        self.errors = 0
+        self.last_error: str | None = None
+
+    def _error(self, text: str) -> None:
+        self.errors += 1
+        self.last_error = text
+
+    def statistics(self) -> RequestStatistics:
+        """The request loop's figures now (also the request wait's and io_uring's)."""
+        ring = uring.current()
+        wait = _wait
+        return RequestStatistics(
+            requests=self.requests,
+            in_progress=self.in_progress,
+            reads=self.reads,
+            bytes_read=self.bytes_read,
+            writes=self.writes,
+            bytes_written=self.bytes_written,
+            flushes=self.flushes,
+            errors=self.errors,
+            last_error=self.last_error,
+            queued_found=wait.fast if wait is not None else 0,
+            epoll_waits=wait.waits if wait is not None else 0,
+            uring_operations=ring.submitted if ring is not None else 0,
+            uring_waited=ring.parked if ring is not None else 0,
+        )
 
     # ------------------------------------------------------------------ attributes
 
@@ -305,7 +374,10 @@ class QedFS(pyfuse3.Operations):
 
     @guard
     async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
-        return await self.image.read(off, size)
+        data = await self.image.read(off, size)
+        self.reads += 1
+        self.bytes_read += len(data)
+        return data
 
     @guard
     async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
@@ -316,16 +388,20 @@ class QedFS(pyfuse3.Operations):
             raise FUSEError(errno.ENOSPC)
         n = min(len(buf), room)
         await self.image.write(off, memoryview(buf)[:n] if n < len(buf) else buf)
+        self.writes += 1
+        self.bytes_written += n
         self._touch()
         return n
 
     @guard
     async def flush(self, fh: FileHandleT) -> None:
         if self._open.get(fh, os.O_RDWR) & os.O_ACCMODE != os.O_RDONLY:
+            self.flushes += 1
             await self.image.flush()
 
     @guard
     async def fsync(self, fh: FileHandleT, datasync: bool) -> None:
+        self.flushes += 1
         await self.image.flush()
 
     @guard

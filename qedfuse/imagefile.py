@@ -28,11 +28,13 @@ import os
 import stat
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Final, Protocol
 
 import trio
 
 from qedfuse import uring
+from qedfuse.records import StatsRecord
 
 Buffer = bytes | bytearray | memoryview
 
@@ -139,6 +141,26 @@ _ZERO_CHUNK: Final = 1 << 20
 _ZERO_IOCTL_CHUNK: Final = 256 << 20
 
 
+@dataclass(frozen=True, slots=True)
+class IoStatistics(StatsRecord):
+    """What the I/O seam did on one image file, and the file's size now."""
+
+    preads: int
+    bytes_read: int
+    async_reads: int  # preads that went through io_uring
+    pwrites: int
+    bytes_written: int
+    fdatasyncs: int
+    file_bytes: int  # st_size
+    host_allocated_bytes: int  # st_blocks * 512
+
+
+def io_statistics(file: BlockFile) -> IoStatistics | None:
+    """``file.statistics()`` for files that keep I/O counters (a real file), else None."""
+    method: Callable[[], IoStatistics] | None = getattr(file, "statistics", None)
+    return method() if method is not None else None
+
+
 _queue_probe: Callable[[], bool] | None = None
 
 
@@ -180,6 +202,12 @@ class FileImage:
         self._async_reads_ok = _supports_nowait(fd)
         self._cachestat_ok = True
         self.async_reads = 0  # reads that went through io_uring (for tests and the bench)
+        # Plain int counters (see statistics()): about 30 ns per call on the I/O path.
+        self.preads = 0
+        self.bytes_read = 0
+        self.pwrites = 0
+        self.bytes_written = 0
+        self.fdatasyncs = 0
 
     @classmethod
     def open(
@@ -223,7 +251,27 @@ class FileImage:
             view = view[written:]
             offset += written
 
+    def statistics(self) -> IoStatistics:
+        """The counters, and the file's size now (one fstat)."""
+        try:
+            st = os.fstat(self.fd)
+            file_bytes, allocated = st.st_size, st.st_blocks * 512
+        except OSError:  # closed
+            file_bytes = allocated = 0
+        return IoStatistics(
+            preads=self.preads,
+            bytes_read=self.bytes_read,
+            async_reads=self.async_reads,
+            pwrites=self.pwrites,
+            bytes_written=self.bytes_written,
+            fdatasyncs=self.fdatasyncs,
+            file_bytes=file_bytes,
+            host_allocated_bytes=allocated,
+        )
+
     async def pread(self, offset: int, size: int) -> bytes:
+        self.preads += 1
+        self.bytes_read += size
         if self._threaded_io:
             return await trio.to_thread.run_sync(
                 self._pread_sync, offset, size, limiter=self._limiter
@@ -261,6 +309,8 @@ class FileImage:
     async def pwrite(self, offset: int, data: Buffer) -> None:
         if self._read_only:
             raise OSError(9, "image file is open read-only")
+        self.pwrites += 1
+        self.bytes_written += len(data)
         if self._threaded_io:
             await trio.to_thread.run_sync(self._pwrite_sync, offset, data, limiter=self._limiter)
             return
@@ -268,6 +318,7 @@ class FileImage:
         self._pwrite_sync(offset, data)
 
     async def fdatasync(self) -> None:
+        self.fdatasyncs += 1
         ring = uring.ring()
         if ring is not None:
             await ring.fdatasync(self.fd)

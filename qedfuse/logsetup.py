@@ -6,7 +6,13 @@
   stderr is connected to the journal (systemd then files each line at its level);
 * ``log_file``: records go to that file (with timestamps) instead of stderr, and fatal
   tracebacks from :mod:`faulthandler` go there too;
+* ``syslog`` (a detached daemon): the syslog socket (the journal reads it) when it exists,
+  else ``fallback_file``; :func:`destination` says where, so the parent can print it;
 * :mod:`faulthandler` is enabled, and ``SIGUSR1`` dumps every thread's stack.
+
+Whatever the destination, the last :data:`RECENT_LIMIT` WARNING-or-worse records are kept in
+memory (:func:`recent_problems`, shown by ``qedfuse status``), and after
+:func:`set_subject` (the daemon calls it with the image path) every such line names the image.
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ import logging.handlers
 import os
 import signal
 import sys
-from typing import IO, Final
+from collections import deque
+from typing import IO, Any, Final
 
 #: syslog priorities journald understands as ``<N>`` line prefixes.
 _JOURNAL_PRIORITY: Final = {
@@ -28,12 +35,59 @@ _JOURNAL_PRIORITY: Final = {
     logging.DEBUG: 7,
 }
 _TIME_FORMAT: Final = "%Y-%m-%d %H:%M:%S"
+#: How many WARNING-or-worse records :func:`recent_problems` keeps.
+RECENT_LIMIT: Final = 20
 
 # Handlers and the faulthandler file we installed, so a second call replaces them, and the
 # levels we changed, so reset_logging() can put them back (for in-process callers: tests).
 _installed: list[logging.Handler] = []
 _fault_file: IO[str] | None = None
 _saved_levels: dict[str, int] = {}
+_destination = "stderr"
+
+
+class _Subject(logging.Filter):
+    """Prefix WARNING-or-worse messages with what they are about (the image), once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.subject: str | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        subject = self.subject
+        if (
+            subject is not None
+            and record.levelno >= logging.WARNING
+            and not getattr(record, "qedfuse_subject", False)
+        ):
+            record.qedfuse_subject = True
+            message = record.getMessage()
+            if subject not in message:
+                record.msg, record.args = f"{subject}: {message}", ()
+        return True
+
+
+class _Recent(logging.Handler):
+    """Keeps the last WARNING-or-worse records (time, level, message) in memory."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: deque[dict[str, Any]] = deque(maxlen=RECENT_LIMIT)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string must not lose the record
+            message = str(record.msg)
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            message = f"{message} ({type(exc).__name__}: {exc})"
+        self.records.append({"time": record.created, "level": record.levelname, "message": message})
+
+
+_subject = _Subject()
+_recent = _Recent()
+_recent.addFilter(_subject)
 
 
 class _JournalFormatter(logging.Formatter):
@@ -74,18 +128,23 @@ def setup_logging(
     systemd: bool = False,
     level: int | None = None,
     syslog: bool = False,
+    fallback_file: str | None = None,
 ) -> None:
     """Install qedfuse's log handlers on the root logger (replacing earlier ones).
 
     ``level`` overrides the threshold (default: DEBUG with ``debug``, else INFO).  With
     ``syslog`` and no ``log_file``, log to the syslog socket (``$QEDFUSE_SYSLOG_SOCKET`` or
-    ``/dev/log``) when it exists: a detached daemon has no stderr.
+    ``/dev/log``) when it exists, else to ``fallback_file`` if given: a detached daemon has
+    no stderr.  Raises OSError if a log file cannot be opened.
     """
+    global _destination
     root = logging.getLogger()
     _remove_handlers()
     for name in ("", "trio", "pyfuse3"):
         _saved_levels.setdefault(name, logging.getLogger(name).level)
 
+    if syslog and log_file is None and not os.path.exists(syslog_address()):
+        log_file = fallback_file
     new: logging.Handler
     if log_file is not None:
         new = logging.FileHandler(log_file, encoding="utf-8")
@@ -95,11 +154,13 @@ def setup_logging(
                 _TIME_FORMAT,
             )
         )
+        _destination = f"the file {log_file}"
     elif syslog and os.path.exists(syslog_address()):
         new = logging.handlers.SysLogHandler(
             address=syslog_address(), facility=logging.handlers.SysLogHandler.LOG_DAEMON
         )
         new.setFormatter(logging.Formatter("qedfuse[%(process)d]: %(levelname)s %(message)s"))
+        _destination = f"syslog ({syslog_address()}; journalctl -t qedfuse)"
     else:
         new = logging.StreamHandler(sys.stderr)
         if journal_wanted(systemd):
@@ -113,8 +174,12 @@ def setup_logging(
             )
         else:
             new.setFormatter(_CliFormatter("%(message)s"))
+        _destination = "the journal (stderr)" if journal_wanted(systemd) else "stderr"
+    new.addFilter(_subject)
     root.addHandler(new)
     _installed.append(new)
+    if _recent not in root.handlers:
+        root.addHandler(_recent)
     if level is None:
         level = logging.DEBUG if debug else logging.INFO
     root.setLevel(level)
@@ -124,6 +189,21 @@ def setup_logging(
         logging.getLogger(name).setLevel(max(level, logging.INFO))
 
     _enable_faulthandler(log_file)
+
+
+def destination() -> str:
+    """Where :func:`setup_logging` sends records, for a person (``syslog (/dev/log)`` …)."""
+    return _destination
+
+
+def set_subject(subject: str | None) -> None:
+    """Name ``subject`` (the image path) in every WARNING-or-worse line that doesn't."""
+    _subject.subject = subject
+
+
+def recent_problems() -> list[dict[str, Any]]:
+    """The last WARNING-or-worse records, oldest first: ``{time, level, message}``."""
+    return list(_recent.records)
 
 
 def _remove_handlers() -> None:
@@ -137,6 +217,9 @@ def _remove_handlers() -> None:
 def reset_logging() -> None:
     """Undo :func:`setup_logging`: remove its handlers and restore the levels it changed."""
     _remove_handlers()
+    logging.getLogger().removeHandler(_recent)
+    _recent.records.clear()
+    set_subject(None)
     for name, level in _saved_levels.items():
         logging.getLogger(name).setLevel(level)
     _saved_levels.clear()
@@ -163,4 +246,11 @@ def _enable_faulthandler(log_file: str | None) -> None:
         pass
 
 
-__all__ = ["journal_wanted", "reset_logging", "setup_logging"]
+__all__ = [
+    "destination",
+    "journal_wanted",
+    "recent_problems",
+    "reset_logging",
+    "set_subject",
+    "setup_logging",
+]

@@ -67,7 +67,9 @@ from qedfuse.errors import QedError
 from qedfuse.options import MountOptions, OptionError, parse_options
 
 if TYPE_CHECKING:
+    from qedfuse.control import MountRef
     from qedfuse.engine import QedImage
+    from qedfuse.records import StatsRecord
 
 log = logging.getLogger(__name__)
 
@@ -548,15 +550,28 @@ def _build_config(ns: argparse.Namespace) -> MountConfig:
     )
 
 
-def _setup_logging(cfg: MountConfig, *, detached: bool) -> None:
+def _setup_logging(cfg: MountConfig, *, detached: bool, fallback_file: str | None = None) -> None:
     from qedfuse.logsetup import setup_logging
 
     level = None
     if not cfg.debug and not cfg.foreground and cfg.options.log_file is None and not detached:
         level = logging.WARNING  # a daemonizing `mount` prints nothing but problems
     setup_logging(
-        cfg.debug, log_file=cfg.options.log_file, systemd=cfg.systemd, level=level, syslog=detached
+        cfg.debug,
+        log_file=cfg.options.log_file,
+        systemd=cfg.systemd,
+        level=level,
+        syslog=detached,
+        fallback_file=fallback_file,
     )
+
+
+def _fallback_log_file(state: _State, cfg: MountConfig) -> str | None:
+    """Where a detached daemon logs when there is no syslog socket: by its registry record."""
+    if state.registry_path is None:
+        return None
+    stem = os.path.splitext(os.path.basename(cfg.image_path))[0] or "image"
+    return os.path.join(os.path.dirname(state.registry_path), f"{stem}.log")
 
 
 def mount_main(ns: argparse.Namespace) -> int:
@@ -615,7 +630,10 @@ def _fork_and_wait(cfg: MountConfig) -> int:
                 break
             chunks.append(chunk)
     message = b"".join(chunks).decode("utf-8", "replace").strip()
-    if message == "ok":
+    if message == "ok" or message.startswith("ok "):
+        where = message[3:].strip()
+        if where:
+            print(f"qedfuse: the daemon (pid {pid}) logs to {where}", file=sys.stderr)
         return EXIT_OK
     _, status = os.waitpid(pid, 0)
     if message.startswith("error:"):
@@ -664,12 +682,13 @@ class _Reporter:
         finally:
             os.close(fd)
 
-    def ready(self) -> None:
+    def ready(self, log_destination: str = "") -> None:
+        """The mount serves; ``log_destination`` (where the daemon logs) is for the parent."""
         if self.cfg.systemd:
             from qedfuse import sdnotify
 
             sdnotify.ready(f"serving {self.cfg.image_path} at {self.cfg.mountpoint}")
-        self._send("ok\n")
+        self._send(f"ok {' '.join(log_destination.split())}".strip() + "\n")
 
     def fail(self, message: str) -> None:
         if self.done:
@@ -715,6 +734,8 @@ class _State:
     #: major:minor of our FUSE mount (from mountinfo after init: never stat our own mount).
     mount_device: str | None = None
     registry_path: str | None = None
+    #: The request loop's statistics() (set once the FUSE operations exist).
+    request_statistics: Callable[[], StatsRecord] | None = None
 
 
 class _StartupError(Exception):
@@ -813,6 +834,7 @@ async def _serve_mount(cfg: MountConfig, reporter: _Reporter, state: _State) -> 
         if entry is not None:
             state.mount_device = entry.device
             state.registry_path = _register(entry.device, entry.mountpoint, cfg.image_path)
+        state.request_statistics = ops.statistics
     except _StartupError:
         await _abandon(image, created_overlay, cfg.image_path)
         raise
@@ -831,23 +853,35 @@ async def _serve_mount(cfg: MountConfig, reporter: _Reporter, state: _State) -> 
 async def _serve_mounted(
     cfg: MountConfig, reporter: _Reporter, state: _State, image: QedImage
 ) -> int:
-    from qedfuse import sdnotify
+    from qedfuse import control, logsetup, sdnotify
     from qedfuse.fs import fuse_close, fuse_main, fuse_terminate
 
     state.mounted = True
     code = EXIT_OK
     failure: str | None = None
+    logsetup.set_subject(cfg.image_path)  # every warning and error names the image
     try:
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(image.run_idle_flusher, cfg.options.flush_delay)
+                if state.registry_path is not None and state.request_statistics is not None:
+                    view = control.DaemonView(
+                        image=image,
+                        image_path=cfg.image_path,
+                        mountpoint=cfg.mountpoint,
+                        options=_option_words(cfg.options),
+                        requests=state.request_statistics,
+                        started_at=time.time(),
+                    )
+                    path = control.socket_path(state.registry_path)
+                    await nursery.start(control.serve_or_warn, path, view)
                 if cfg.pidfile is not None:
                     _write_pidfile(cfg.pidfile)
                 if not cfg.foreground:
                     _detach_stdio(cfg)
-                    _setup_logging(cfg, detached=True)
+                    _setup_logging(cfg, detached=True, fallback_file=_fallback_log_file(state, cfg))
                 log.info("serving %s at %s (pid %d)", cfg.image_path, cfg.mountpoint, os.getpid())
-                reporter.ready()
+                reporter.ready(logsetup.destination() if not cfg.foreground else "")
                 state.served = True
                 if state.signal_name is not None:  # a signal raced the start-up
                     fuse_terminate()
@@ -880,6 +914,24 @@ async def _serve_mounted(
     if not reporter.done:
         reporter.fail(failure or "the mount ended before it was ready")
     return code
+
+
+def _option_words(opts: MountOptions) -> list[str]:
+    """The mount's effective options, as ``-o`` words (for ``qedfuse status``)."""
+    words = ["ro" if opts.read_only else "rw", f"cache={opts.cache.value}"]
+    words.append(f"detect_zeroes={'on' if opts.detect_zeroes else 'off'}")
+    words.append(f"flush_delay={opts.flush_delay:g}")
+    words += [f"uid={opts.uid}"] if opts.uid is not None else []
+    words += [f"gid={opts.gid}"] if opts.gid is not None else []
+    words.append(f"umask={opts.umask:03o}")
+    for flag, word in ((opts.writeback_cache, "writeback_cache"), (opts.untrusted, "untrusted")):
+        if flag:
+            words.append(word)
+    if opts.backing is not None:
+        words.append(f"backing={opts.backing}")
+    if opts.log_file is not None:
+        words.append(f"log={opts.log_file}")
+    return words + list(opts.fuse)
 
 
 def _single(exc: BaseException) -> BaseException:
@@ -1146,6 +1198,8 @@ def _prune_registry(directory: str) -> None:
         if _read_record(path) is None:
             with contextlib.suppress(OSError):
                 os.unlink(path)
+            with contextlib.suppress(OSError):
+                os.unlink(path.removesuffix(".json") + ".sock")  # see qedfuse.control
 
 
 def _unregister(path: str | None) -> None:
@@ -1202,6 +1256,32 @@ def mountpoint_of_daemon(pid: int) -> str | None:
             if found is not None and found.pid == pid:
                 return found.mountpoint
     return None
+
+
+def qedfuse_mounts(mountpoint: str | None = None) -> list[MountRef]:
+    """Every qedfuse mount in mountinfo (or the one at ``mountpoint``), with its daemon.
+
+    Never touches the mounts themselves: a stopped daemon would hang the caller.
+    """
+    from qedfuse.control import MountRef
+
+    wanted = os.path.abspath(mountpoint) if mountpoint is not None else None
+    refs: list[MountRef] = []
+    for entry in mount_entries():
+        if entry.fstype != _FSTYPE or (wanted is not None and entry.mountpoint != wanted):
+            continue
+        pid: int | None = None
+        found_path: str | None = None
+        image = entry.source
+        for directory in _registry_dirs():
+            path = _registry_file(directory, entry.device)
+            found = _read_record(path)
+            if found is not None and found[1].get("mountpoint") == entry.mountpoint:
+                pid, found_path = found[0], path
+                image = str(found[1].get("image", entry.source))
+                break
+        refs.append(MountRef(entry.mountpoint, image, pid, found_path))
+    return refs
 
 
 # ---------------------------------------------------------------------------- umount
