@@ -304,13 +304,16 @@ def query(ref: MountRef, command: str, timeout: float) -> dict[str, Any]:
     try:
         answer = request(socket_path(ref.registry_path), command, timeout)
     except NoAnswer as exc:
-        state = exc.state
+        state, detail = exc.state, exc.detail
         letter = process_state(ref.pid)
         if letter is None or letter in ("Z", "X"):
             state = "dead"
         elif letter in ("T", "t") and state == "not responding":
             state = "stopped"
-        return {**base, "ok": False, "state": state, "error": exc.detail}
+        elif state == "dead":  # alive, but nothing listens: a qedfuse without the socket
+            state = "no control socket"
+            detail = "the daemon runs, but nothing listens on its control socket"
+        return {**base, "ok": False, "state": state, "error": detail}
     answer.setdefault("state", "running")
     return {**base, **answer}
 

@@ -87,6 +87,8 @@ MAX_BLKSIZE = 1 << 20
 
 P = ParamSpec("P")
 R = TypeVar("R")
+#: Requests refused for corrupt metadata that are logged (all are counted in statistics()).
+_LOGGED_CORRUPTIONS = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +103,7 @@ class RequestStatistics(StatsRecord):
     bytes_written: int
     flushes: int  # flush (close) and fsync requests that ran the ordered flush
     errors: int  # requests answered with an error other than a deliberate FUSEError
+    corruptions: int  # requests refused because they touch corrupt metadata
     last_error: str | None
     queued_found: int  # requests the request wait found queued (no epoll wait)
     epoll_waits: int
@@ -132,6 +135,9 @@ def guard(
         except CorruptionError as exc:
             what = _request_range(handler.__name__, args)
             self._error(f"{what}: {exc}")
+            self.corruptions += 1
+            if self.corruptions <= _LOGGED_CORRUPTIONS:  # a guest may retry forever: keep it short
+                log.error("%s refused (EIO), corrupt metadata: %s", what, exc)
             self.image.enter_failsafe(f"corrupt metadata in {what}: {exc}")
             raise FUSEError(exc.errno) from None
         except QedError as exc:
@@ -213,6 +219,7 @@ class QedFS(pyfuse3.Operations):
         self.bytes_written = 0
         self.flushes = 0
         self.errors = 0
+        self.corruptions = 0
         self.last_error: str | None = None
 
     def _error(self, text: str) -> None:
@@ -232,6 +239,7 @@ class QedFS(pyfuse3.Operations):
             bytes_written=self.bytes_written,
             flushes=self.flushes,
             errors=self.errors,
+            corruptions=self.corruptions,
             last_error=self.last_error,
             queued_found=wait.fast if wait is not None else 0,
             epoll_waits=wait.waits if wait is not None else 0,
