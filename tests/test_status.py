@@ -12,6 +12,7 @@ import contextlib
 import json
 import mmap
 import os
+import random
 import signal
 import socket
 import stat
@@ -519,3 +520,57 @@ def test_detached_daemon_says_where_it_logs(tmp_path: Path, syslog: bool) -> Non
             os.unlink(log_file)
     finally:
         receiver.close()
+
+
+# ---------------------------------------------------------------------- the records, in-process
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_engine_records_count_exactly(tmp_path: Path, seed: int) -> None:
+    """The engine, cache and I/O records against a model: random writes, then a flush."""
+    from qedfuse.engine import create_image, open_image
+    from qedfuse.imagefile import FileImage, io_statistics
+
+    rng = random.Random(seed)
+    cs, l2_span = 4096, 1024 * 4096  # table_size=2: one L2 table maps 4 MiB
+    path = tmp_path / "e.qed"
+    file = FileImage(os.open(path, os.O_RDWR | os.O_CREAT, 0o600), read_only=False)
+    await create_image(file, 64 * MiB, cluster_size=cs, table_size=2)
+    image = await open_image(file)
+    try:
+        clusters: set[int] = set()
+        written = 0
+        for _ in range(rng.randint(1, 40)):
+            pos = rng.randrange(0, 64 * MiB - 3 * cs)
+            size = rng.randint(1, 3 * cs)
+            await image.write(pos, os.urandom(size))  # random bytes: never a zero cluster
+            clusters.update(range(pos // cs, (pos + size - 1) // cs + 1))
+            written += size
+        tables = {c * cs // l2_span for c in clusters}
+        eng = image.statistics()
+        assert (eng.dirty_l2_tables, eng.dirty_l1_pages) == (len(tables), 1)
+        assert eng.clusters_allocated == eng.data_clusters == len(clusters)
+        assert eng.l2_tables == len(tables)
+        assert eng.need_check_on_disk
+        assert eng.failsafe_reason is None
+        io = io_statistics(file)
+        assert io is not None
+        assert io.bytes_written >= written
+        await image.flush()
+        after = image.statistics()
+        assert (after.l2_tables_flushed, after.l1_pages_flushed) == (len(tables), 1)
+        assert (after.dirty_l2_tables, after.dirty_l1_pages) == (0, 0)
+        assert not after.need_check_on_disk
+        assert after.flushes == eng.flushes + 1
+        assert after.last_flush_seconds is not None
+        assert after.max_flush_seconds >= after.last_flush_seconds > 0
+        flushed_io = io_statistics(file)
+        assert flushed_io is not None
+        assert flushed_io.fdatasyncs >= io.fdatasyncs + 4  # data, L2, L1, header
+        cache = image.cache.statistics()
+        assert cache.misses == len(tables)  # each new table inserted once
+        assert cache.cached_tables == len(tables)
+        for record in (after, cache, flushed_io):
+            assert json.loads(json.dumps(record.to_json())) == record.to_json()
+    finally:
+        await image.close()
