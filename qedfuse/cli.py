@@ -1,9 +1,10 @@
 """The ``qedfuse`` command line: subcommands, the mount(8) form, and error reporting.
 
 ``qedfuse COMMAND …`` runs one of ``mount umount create info check convert map resize
-commit``.  ``qedfuse IMAGE MOUNTPOINT [-o OPTS]`` (what ``mount.fuse3`` runs for an fstab
-line of type ``fuse.qedfuse``) is ``qedfuse mount IMAGE MOUNTPOINT [-o OPTS]``; that form is
-taken only when the words can be it (:func:`mount_form`), so a mistyped command gets
+commit``, or asks running mount daemons (``status list flush``, see :mod:`qedfuse.control`).
+``qedfuse IMAGE MOUNTPOINT [-o OPTS]`` (what ``mount.fuse3`` runs for an fstab line of type
+``fuse.qedfuse``) is ``qedfuse mount IMAGE MOUNTPOINT [-o OPTS]``; that form is taken only
+when the words can be it (:func:`mount_form`), so a mistyped command gets
 ``unknown command 'chek' (did you mean 'check'?)``.  qemu-img's habits work: ``-f qed``,
 ``-q``, ``--output=human|json``, ``info --backing-chain``.
 
@@ -13,8 +14,8 @@ killed by SIGPIPE); Ctrl-C prints ``qedfuse: interrupted`` and exits 130, never 
 Every failure prints exactly one line, ``qedfuse: <message>``, on stderr (a traceback too
 with ``--debug``) and exits non-zero: 2 for a bad command line, 1 otherwise, except
 ``check``, which exits as ``qemu-img check`` does (0 clean, 1 check incomplete or a bad
-command line, 2 corruptions, 3 only leaks).  ``qedfuse.mount`` (and so pyfuse3) is imported only for
-``mount`` and ``umount``.
+command line, 2 corruptions, 3 only leaks); ``status`` exits 1 when a daemon it asked did
+not answer.  pyfuse3 is imported only for ``mount`` and ``umount``.
 """
 
 from __future__ import annotations

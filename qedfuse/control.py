@@ -290,11 +290,15 @@ class MountRef:
     image: str
     pid: int | None  # None: no live daemon registered for it
     registry_path: str | None
+    foreign_uid: int | None = None  # mounted by this other user (we can't ask its daemon)
 
 
 def query(ref: MountRef, command: str, timeout: float) -> dict[str, Any]:
     """Ask one mount's daemon; the answer, or a ``state`` saying why there is none."""
     base: dict[str, Any] = {"mountpoint": ref.mountpoint, "image": ref.image, "pid": ref.pid}
+    if ref.foreign_uid is not None:
+        error = f"mounted by uid {ref.foreign_uid}: only that user or root can ask its daemon"
+        return {**base, "ok": False, "state": "not accessible", "error": error}
     if ref.pid is None or ref.registry_path is None:
         error = (
             "no live daemon is registered for it (killed?); clean it up with "

@@ -29,10 +29,14 @@ byte goes through the engine.
   preceded by a ``security.capability`` lookup.  (``qedfuse umount --wait`` finds the
   daemon through a registry file, see :func:`qedfuse.mount.find_daemon`.)
 
+:meth:`QedFS.statistics` reports the request counters (plain int increments in the
+handlers) for ``qedfuse status``.
+
 Errors cross into the kernel at one place, :func:`guard`: ``FUSEError`` passes, a
 :class:`QedError` becomes its errno (a :class:`CorruptionError` also puts the engine in
 failsafe, so writes stop), an ``OSError`` its errno, and anything else is logged with its
 traceback, puts the engine in failsafe and becomes EIO, while the daemon keeps serving.
+Those log lines and failsafe reasons name the request's guest range.
 """
 
 from __future__ import annotations

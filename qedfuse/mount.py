@@ -10,13 +10,15 @@ unsupported) and waits on a pipe; the child calls ``setsid()`` and runs :func:`_
 
 1. create the ``--overlay`` image if asked, open the image and its backing chain (taking
    QEMU's lock bytes), ``pyfuse3.init()`` (the mount now exists);
-2. start the signal watcher and the engine's idle flusher, write the pidfile, point stdio at
-   ``/dev/null`` (or the ``log=`` file), write ``ok`` to the pipe (and ``READY=1`` under
+2. start the signal watcher, the engine's idle flusher and the control socket
+   (:mod:`qedfuse.control`, next to the registry record), write the pidfile, point stdio at
+   ``/dev/null`` and logging at syslog (or the ``log=`` file; without a syslog socket, a file
+   by the registry record), write ``ok`` and where it logs to the pipe (and ``READY=1`` under
    ``--systemd``), then serve with ``pyfuse3.main()``.
 
-The parent exits 0 on ``ok``; on anything else it prints the child's one-line error, waits for
-the child (which unmounts whatever it mounted) and exits 1.  ``-f`` runs the same steps in
-the foreground process; ``--systemd`` implies ``-f``.
+The parent prints where the daemon logs and exits 0 on ``ok``; on anything else it prints
+the child's one-line error, waits for the child (which unmounts whatever it mounted) and
+exits 1.  ``-f`` runs the same steps in the foreground process; ``--systemd`` implies ``-f``.
 
 Shutdown: SIGTERM, SIGINT and SIGHUP call ``pyfuse3.terminate()``; an external ``umount`` or
 ``fusermount3 -u`` ends ``pyfuse3.main()`` by itself.  Either way in-flight requests finish,
@@ -1258,6 +1260,25 @@ def mountpoint_of_daemon(pid: int) -> str | None:
     return None
 
 
+def _foreign_fuse_devices() -> dict[str, int]:
+    """major:minor → owner of the FUSE mounts made by another user (``user_id=``)."""
+    found: dict[str, int] = {}
+    mine = os.getuid()
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                fields, rest = left.split(), right.split()
+                if len(fields) >= 3 and len(rest) >= 3 and rest[0].startswith("fuse"):
+                    for option in rest[2].split(","):
+                        key, _, value = option.partition("=")
+                        if key == "user_id" and value.isdigit() and int(value) != mine:
+                            found[fields[2]] = int(value)
+    except OSError:
+        pass
+    return found
+
+
 def qedfuse_mounts(mountpoint: str | None = None) -> list[MountRef]:
     """Every qedfuse mount in mountinfo (or the one at ``mountpoint``), with its daemon.
 
@@ -1266,9 +1287,16 @@ def qedfuse_mounts(mountpoint: str | None = None) -> list[MountRef]:
     from qedfuse.control import MountRef
 
     wanted = os.path.abspath(mountpoint) if mountpoint is not None else None
+    others = _foreign_fuse_devices() if os.geteuid() != 0 else {}
     refs: list[MountRef] = []
     for entry in mount_entries():
         if entry.fstype != _FSTYPE or (wanted is not None and entry.mountpoint != wanted):
+            continue
+        if entry.device in others:  # another user's: its registry is not ours to read
+            if wanted is not None:
+                refs.append(
+                    MountRef(entry.mountpoint, entry.source, None, None, others[entry.device])
+                )
             continue
         pid: int | None = None
         found_path: str | None = None

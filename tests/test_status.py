@@ -29,7 +29,7 @@ from fusehelpers import QEDFUSE, daemon_pid, mounted, need_check, pid_alive, qed
 
 from qedfuse import control
 from qedfuse.mount import qedfuse_mounts
-from support import check_ok, describe, require_fuse, require_tool, run
+from support import check_ok, describe, require_fuse, require_tool, run, tools_required
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -574,3 +574,28 @@ async def test_engine_records_count_exactly(tmp_path: Path, seed: int) -> None:
             assert json.loads(json.dumps(record.to_json())) == record.to_json()
     finally:
         await image.close()
+
+
+def test_another_users_mount_is_not_theirs_to_ask(tmp_path: Path) -> None:
+    if os.geteuid() != 0:  # stated, and a failure under CI (as a missing tool is)
+        reason = "running a command as another user needs root"
+        if tools_required():
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
+    setpriv = require_tool("setpriv")
+    nobody = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", QEDFUSE]
+    image = _create(tmp_path / "disk.qed", "4M")
+    with mounted(image, tmp_path / "mnt") as m:
+        path = _socket_of(m.mnt)
+        listed = json.loads(check_ok(run([*nobody, "list", "--json"], cwd="/")).stdout)
+        assert str(m.mnt) not in [entry["mountpoint"] for entry in listed]
+        cp = run([*nobody, "status", "--json", m.mnt], cwd="/")
+        assert cp.returncode == 1, describe(cp)
+        (entry,) = json.loads(cp.stdout)
+        assert entry["state"] == "not accessible", entry
+        assert "mounted by uid 0" in entry["error"]
+        probe = "import socket,sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])"
+        cp = run([setpriv, "--reuid=65534", "--regid=65534", "--clear-groups",
+                  sys.executable, "-c", probe, path], cwd="/")  # fmt: skip
+        assert cp.returncode != 0
+        assert "PermissionError" in cp.stderr, describe(cp)
