@@ -196,7 +196,7 @@ async def serve(
         finally:
             os.umask(old_umask)
         os.chmod(path, 0o600)
-        sock.listen(16)
+        sock.listen(socket.SOMAXCONN)
     except OSError:
         sock.close()
         raise
@@ -241,7 +241,7 @@ def request(path: str, command: str, timeout: float) -> dict[str, Any]:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
-            sock.connect(path)
+            _connect(sock, path, deadline)
             sock.sendall(command.encode("ascii") + b"\n")
             chunks: list[bytes] = []
             size = 0
@@ -269,6 +269,20 @@ def request(path: str, command: str, timeout: float) -> dict[str, Any]:
     if not isinstance(answer, dict):
         raise NoAnswer("not responding", "malformed answer")
     return answer
+
+
+def _connect(sock: socket.socket, path: str, deadline: float) -> None:
+    """Connect, waiting while the daemon's backlog is full (EAGAIN) until ``deadline``."""
+    delay = 0.005
+    while True:
+        try:
+            sock.connect(path)
+            return
+        except BlockingIOError:
+            if time.monotonic() + delay > deadline:
+                raise TimeoutError from None
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
 
 
 def process_state(pid: int) -> str | None:

@@ -18,6 +18,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -348,7 +349,7 @@ def test_bad_requests_do_not_disturb_the_daemon(tmp_path: Path) -> None:
                 assert "unknown request" in json.loads(answer)["error"]
             assert not answer or json.loads(answer)["ok"] is False, (payload, answer)
         # Many clients at once, some never sending anything: all are answered or dropped.
-        idle = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(20)]
+        idle = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(100)]
         try:
             for sock in idle:
                 sock.connect(path)
@@ -599,3 +600,31 @@ def test_another_users_mount_is_not_theirs_to_ask(tmp_path: Path) -> None:
                   sys.executable, "-c", probe, path], cwd="/")  # fmt: skip
         assert cp.returncode != 0
         assert "PermissionError" in cp.stderr, describe(cp)
+
+
+def test_a_burst_of_clients_while_the_daemon_is_busy(tmp_path: Path) -> None:
+    """Connections queue while the daemon can't accept (here: stopped); a client then waits
+    within its timeout instead of failing at once with EAGAIN."""
+    image = _create(tmp_path / "disk.qed", "4M")
+    with mounted(image, tmp_path / "mnt") as m:
+        path = _socket_of(m.mnt)
+        burst: list[socket.socket] = []
+        try:
+            with stopped(m.pid):
+                for _ in range(64):
+                    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    sock.setblocking(False)
+                    burst.append(sock)
+                    with contextlib.suppress(BlockingIOError):
+                        sock.connect(path)
+                resume = threading.Timer(1.0, os.kill, (m.pid, signal.SIGCONT))
+                resume.start()
+                try:
+                    answered = control.request(path, "status", 20)
+                finally:
+                    resume.join()
+        finally:
+            for sock in burst:
+                sock.close()
+        assert answered["ok"] is True
+        assert answered["pid"] == m.pid
