@@ -1286,29 +1286,36 @@ def qedfuse_mounts(mountpoint: str | None = None) -> list[MountRef]:
     """
     from qedfuse.control import MountRef
 
-    wanted = os.path.abspath(mountpoint) if mountpoint is not None else None
+    if mountpoint is not None:  # any path naming the mount point, resolved as umount does
+        entry = resolve_path(mountpoint).mount
+        entries = [entry] if entry is not None else []
+    else:
+        entries = mount_entries()
     others = _foreign_fuse_devices() if os.geteuid() != 0 else {}
     refs: list[MountRef] = []
-    for entry in mount_entries():
-        if entry.fstype != _FSTYPE or (wanted is not None and entry.mountpoint != wanted):
+    for entry in entries:
+        if entry.fstype != _FSTYPE:
             continue
         if entry.device in others:  # another user's: its registry is not ours to read
-            if wanted is not None:
-                refs.append(
-                    MountRef(entry.mountpoint, entry.source, None, None, others[entry.device])
-                )
+            if mountpoint is not None:
+                owner = others[entry.device]
+                refs.append(MountRef(entry.mountpoint, entry.source, None, None, owner))
             continue
-        pid: int | None = None
-        found_path: str | None = None
-        image = entry.source
-        for directory in _registry_dirs():
-            path = _registry_file(directory, entry.device)
-            found = _read_record(path)
-            if found is not None and found[1].get("mountpoint") == entry.mountpoint:
-                pid, found_path = found[0], path
-                image = str(found[1].get("image", entry.source))
-                break
-        refs.append(MountRef(entry.mountpoint, image, pid, found_path))
+        daemon = daemon_for(entry)
+        if daemon is None:
+            refs.append(MountRef(entry.mountpoint, entry.source, None, None))
+            continue
+        record = next(
+            (
+                path
+                for directory in _registry_dirs()
+                if os.path.exists(
+                    path := _registry_file(directory, daemon.device or entry.device, daemon.pid)
+                )
+            ),
+            None,
+        )
+        refs.append(MountRef(entry.mountpoint, daemon.image or entry.source, daemon.pid, record))
     return refs
 
 
