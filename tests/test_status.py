@@ -494,6 +494,7 @@ def test_detached_daemon_says_where_it_logs(tmp_path: Path, syslog: bool) -> Non
     receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     if syslog:
         receiver.bind(os.fspath(address))
+    log_file: str | None = None
     try:
         cp = check_ok(run([QEDFUSE, "mount", image, mnt], env=env, timeout=60))
         pid = daemon_pid(mnt)
@@ -505,7 +506,6 @@ def test_detached_daemon_says_where_it_logs(tmp_path: Path, syslog: bool) -> Non
             if syslog:
                 where = f"syslog ({address}; journalctl -t qedfuse)"
                 assert cp.stderr == f"qedfuse: the daemon (pid {pid}) logs to {where}\n"
-
                 assert answer["log"].startswith(f"syslog ({address}")
             else:
                 assert cp.stderr == f"qedfuse: the daemon (pid {pid}) logs to the file {log_file}\n"
@@ -518,9 +518,11 @@ def test_detached_daemon_says_where_it_logs(tmp_path: Path, syslog: bool) -> Non
         wait_until(lambda: not pid_alive(pid), 30, "daemon exit")
         if not syslog:
             assert "unmounted" in Path(log_file).read_text()
-            os.unlink(log_file)
     finally:
         receiver.close()
+        if log_file is not None:  # in the shared registry directory: never leave it behind
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(log_file)
 
 
 # ---------------------------------------------------------------------- the records, in-process
