@@ -56,13 +56,16 @@ and further writes fail with EIO.
 from __future__ import annotations
 
 import enum
+import errno
 import logging
+import mmap
 from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import trio
+import trio.testing
 
 from qedfuse import format as fmt
 from qedfuse.errors import (
@@ -86,6 +89,37 @@ DEFAULT_CACHE_SIZE = 8 * 1024 * 1024
 #: Largest chunk write_zeroes hands to the write path at once.
 ZERO_CHUNK_SIZE = 4 * 1024 * 1024
 _ZERO_CHUNK = bytes(ZERO_CHUNK_SIZE)
+#: errnos of a refused write that changed nothing and may succeed once space is freed.
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+#: A reloaded table keeps its own list of bad entries only up to this many (then: all bad).
+MAX_REMEMBERED_BAD = 64
+
+
+class ClusterBitmap:
+    """One bit per host cluster of the file as it was opened: metadata, or referenced data.
+
+    The bits live in an anonymous mapping, so pages never touched cost no memory: a 1 TiB
+    sparse file with 4 KiB clusters reserves 32 MiB of address space, and uses only the pages
+    of the clusters its tables actually reference.
+    """
+
+    def __init__(self, n_clusters: int, cluster_bits: int) -> None:
+        self.n_clusters = n_clusters
+        self.cluster_bits = cluster_bits
+        self._bits = mmap.mmap(-1, max(1, -(-n_clusters // 8)))
+
+    def test_and_set(self, offset: int) -> bool:
+        """Mark the cluster at file ``offset`` used; return whether it already was."""
+        k = offset >> self.cluster_bits
+        byte = self._bits[k >> 3]
+        bit = 1 << (k & 7)
+        if byte & bit:
+            return True
+        self._bits[k >> 3] = byte | bit
+        return False
+
+    def close(self) -> None:
+        self._bits.close()
 
 
 class GuestSource(Protocol):
@@ -241,7 +275,7 @@ class QedImage:
         self._cache = L2Cache(options.cache_size, geometry.table_bytes)
         self._alloc_lock = trio.Lock()
         self._loading: dict[int, trio.Event] = {}
-        self._data_gen = 0  # bumped by every data pwrite
+        self._data_gen = 0  # bumped once each data pwrite has completed (or failed)
         self._synced_gen = 0  # value of _data_gen covered by the last completed data sync
         self._need_check_on_disk = header.need_check
         # Opened with NEED_CHECK still set (repair disabled, or corruption the repair left):
@@ -251,6 +285,9 @@ class QedImage:
         self._last_write_time = 0.0
         self._zero_cluster = bytes(geometry.cluster_size)
         self._closed = False
+        # Set once the file is found changed by someone else: nothing is written to it again.
+        self._foreign = False
+        self._sync_failed = False  # an fdatasync failed during the current operation
         self._install_l1(l1, file_size)
         if self._l1_bad and not read_only:
             # The file must not grow over what a bad entry points at, or a later open would
@@ -287,12 +324,26 @@ class QedImage:
     # ------------------------------------------------------------------ L1 / metadata map
 
     def _install_l1(self, l1: array[int], file_size: int) -> None:
-        """Adopt an L1 table read from disk: validate entries, build the metadata map."""
+        """Adopt the L1 table read at open: validate entries, mark the metadata clusters.
+
+        Trust is fixed here, once: an entry read from disk is valid only if it points inside
+        the file as it was now (``_open_end``).  The file grows while the image is open, but
+        what grows it is ours, so an entry reaching past the open-time end was never written
+        by anyone who knew what lives there (issue 11, finding 1).
+        """
         geo = self.geometry
         self._l1 = l1
+        self._l1_disk = bytearray(fmt.encode_table(l1))  # what L1 on disk holds (see _verify_file)
         self._l1_dirty_pages: set[int] = set()
-        self._validated_l2: set[int] = set()  # L2 table offsets known valid (see _load_l2)
+        self._l1_unknown_pages: set[int] = set()  # L1 pages whose pwrite failed midway
+        # L2 table offset -> its bad entries when first checked (None: too many, all bad).
+        # Tables we create, and tables checked once, are never checked again: their entries
+        # are already marked in the bitmap, so a second check would call them duplicates.
+        self._checked_l2: dict[int, frozenset[int] | None] = {}
         self._alloc_end = geo.round_down(file_size)
+        self._open_end = self._alloc_end
+        self._written_end = self._alloc_end  # end of what our completed pwrites made exist
+        self._used = ClusterBitmap(self._open_end >> geo.cluster_bits, geo.cluster_bits)
         l1_start = self.header.l1_table_offset
         l1_end = l1_start + geo.table_bytes
         self._l1_bad: set[int] = set()
@@ -300,7 +351,7 @@ class QedImage:
         for index, offset in enumerate(l1):
             if offset == 0:
                 continue
-            if not geo.is_table_offset(offset, self._alloc_end) or (
+            if not geo.is_table_offset(offset, self._open_end) or (
                 offset < l1_end and offset + geo.table_bytes > l1_start
             ):
                 self._l1_bad.add(index)
@@ -313,36 +364,55 @@ class QedImage:
             if candidates[k][0] < candidates[k - 1][0] + geo.table_bytes:
                 self._l1_bad.add(candidates[k][1])
                 self._l1_bad.add(candidates[k - 1][1])
-        self._meta_clusters: set[int] = set()
         for offset in range(l1_start, l1_end, geo.cluster_size):
-            self._meta_clusters.add(offset)
+            self._used.test_and_set(offset)
         # Overlapping tables are refused above but are still L2 metadata: a data entry
         # pointing into one must be refused too, not written through.
         for offset, _index in candidates:
-            self._add_meta_table(offset)
+            for k in range(geo.table_size):
+                self._used.test_and_set(offset + k * geo.cluster_size)
         if self._l1_bad:
             log.warning(
                 "%d invalid L1 entries; the guest ranges they map will fail with EIO",
                 len(self._l1_bad),
             )
 
-    def _add_meta_table(self, offset: int) -> None:
-        cs = self.geometry.cluster_size
-        for k in range(self.geometry.table_size):
-            self._meta_clusters.add(offset + k * cs)
+    def _reinstall_l1(self, raw: bytes) -> None:
+        """Failsafe: show the L1 on disk, trusting only what open trusted and what we wrote.
+
+        An on-disk entry equal to the one we hold keeps its validity; an entry we never wrote
+        (changed by someone else, or a page torn by the failed write) is bad.  The open-time
+        end and the bitmap stay as they are, so nothing hostile becomes valid by the file
+        having grown meanwhile.
+        """
+        disk = fmt.decode_table(raw)
+        self._l1_bad = {
+            index
+            for index, offset in enumerate(disk)
+            if offset and (offset != self._l1[index] or index in self._l1_bad)
+        }
+        self._l1 = disk
+        self._l1_disk = bytearray(raw)
+        self._l1_dirty_pages = set()
+        self._l1_unknown_pages = set()
 
     def _validate_l2(self, entries: array[int]) -> set[int]:
-        """Indices of invalid data entries in an L2 table just read from disk."""
+        """Indices of invalid data entries in an L2 table read from disk for the first time.
+
+        Bad: misaligned, in the header, at or past the open-time end of the file, in metadata,
+        or a host cluster some other entry already maps (the first mapping seen keeps it).
+        Valid entries are marked in the bitmap.
+        """
         geo = self.geometry
         mask = geo.cluster_size - 1
         low = geo.header_end_offset
-        high = self._alloc_end
-        meta = self._meta_clusters
-        return {
-            i
-            for i, e in enumerate(entries)
-            if e > 1 and (e & mask or e < low or e >= high or e in meta)
-        }
+        high = self._open_end
+        used = self._used
+        bad: set[int] = set()
+        for i, e in enumerate(entries):
+            if e > 1 and (e & mask or e < low or e >= high or used.test_and_set(e)):
+                bad.add(i)
+        return bad
 
     # ------------------------------------------------------------------ L2 access
 
@@ -361,12 +431,17 @@ class QedImage:
         try:
             raw = await self.file.pread(offset, self.geometry.table_bytes)
             entries = fmt.decode_table(raw)
-            # Validity only grows while the image is open (the file end only moves out, new
-            # metadata is allocated past it), and an evicted table is clean: a table validated
-            # once need not be validated again when it is reloaded.
-            bad = set() if offset in self._validated_l2 else self._validate_l2(entries)
-            if not bad:
-                self._validated_l2.add(offset)
+            # An evicted table is clean and every change to it since its check was ours: a
+            # table checked once keeps the verdict it had (its entries are in the bitmap).
+            if offset in self._checked_l2:
+                known = self._checked_l2[offset]
+                bad = set(range(len(entries))) if known is None else set(known)
+                bad = {i for i in bad if entries[i] > 1}
+            else:
+                bad = self._validate_l2(entries)
+                self._checked_l2[offset] = (
+                    frozenset(bad) if len(bad) <= MAX_REMEMBERED_BAD else None
+                )
             if bad:
                 log.warning("L2 table at %#x has %d invalid entries", offset, len(bad))
                 if not self.read_only:
@@ -604,9 +679,16 @@ class QedImage:
         # Before the file grows: a clear NEED_CHECK on disk then also means "no leaks".
         await self._mark_need_check()
         host = self._allocate(n_clusters)
-        await self._write_data(host, buf)
+        try:
+            await self._write_data(host, buf)
+            self._written_end = max(self._written_end, host + n_clusters * cs)
+            await self._set_entries(run_start, n_clusters, host)
+        except BaseException:
+            # Nothing points at these clusters yet (_set_entries changes state only once it
+            # cannot fail): give them back, so a refused write (ENOSPC) leaves no trace.
+            await self._release_tail(host)
+            raise
         self.stats.allocated_clusters += n_clusters
-        await self._set_entries(run_start, n_clusters, host)
 
     async def _fill(self, pos: int, size: int, old_kind: Kind) -> bytes:
         """Copy-on-write fill: backing data under unallocated clusters, else zeros (not bug E)."""
@@ -615,9 +697,15 @@ class QedImage:
         return bytes(size)
 
     async def _write_data(self, offset: int, data: Buffer) -> None:
-        """Guest data into the image; the next flush's first step makes it durable."""
-        self._data_gen += 1
-        await self.file.pwrite(offset, data)
+        """Guest data into the image; the next flush's first step makes it durable.
+
+        The write is counted once it has completed (or failed, maybe half done): a flush
+        whose sync starts while this pwrite is still running must not count it as synced.
+        """
+        try:
+            await self.file.pwrite(offset, data)
+        finally:
+            self._data_gen += 1
 
     async def _write_header(self, header: fmt.Header) -> None:
         """Write the 64-byte struct (never the bytes after it) and sync it.  The engine adopts
@@ -632,6 +720,18 @@ class QedImage:
         self._alloc_end += n_clusters * self.geometry.cluster_size
         return offset
 
+    async def _release_tail(self, offset: int) -> None:
+        """Undo the allocations from ``offset`` on (caller holds the allocation lock, and
+        nothing references them); cut what a failed write left there, so no leak remains."""
+        self._alloc_end = offset
+        self._written_end = min(self._written_end, offset)
+        with trio.CancelScope(shield=True):
+            try:
+                if await self.file.size() > offset:
+                    await self.file.ftruncate(offset)
+            except OSError as exc:  # harmless: the next allocation overwrites the tail
+                log.debug("could not cut the tail of a failed allocation: %s", exc)
+
     async def _set_entries(self, run_start: int, n_clusters: int, host: int | None) -> None:
         """Point guest clusters at ``host, host+cs, …`` (or zero clusters when ``host`` is None).
 
@@ -642,20 +742,31 @@ class QedImage:
         l1_index = geo.l1_index(run_start)
         table = await self._l2_for(run_start)
         if table is None:
+            # The table's space is taken now, by writing its (empty) bytes: the flush then
+            # only overwrites, so it never needs new space, and a full disk refuses this
+            # write (ENOSPC) instead of a later flush losing the cached state.
             offset = self._allocate(geo.table_size)
-            table = L2Table(offset, array("Q", bytes(geo.table_bytes)), set(), is_new=True)
-            self._add_meta_table(offset)
-            self._validated_l2.add(offset)
-            self._cache.insert(table)
-            self._l1[l1_index] = offset
-            self._l1_dirty_pages.add(l1_index // PAGE_ENTRIES)
-            self.stats.new_l2_tables += 1
+            try:
+                await self.file.pwrite(offset, bytes(geo.table_bytes))
+            except BaseException:
+                await self._release_tail(offset)
+                raise
+            self._written_end = max(self._written_end, offset + geo.table_bytes)
+            with trio.testing.assert_no_checkpoints():
+                # Its zeros are on the file: the flush writes only the pages that change.
+                table = L2Table(offset, array("Q", bytes(geo.table_bytes)), set(), is_new=False)
+                self._checked_l2[offset] = frozenset()
+                self._cache.insert(table)
+                self._l1[l1_index] = offset
+                self._l1_dirty_pages.add(l1_index // PAGE_ENTRIES)
+                self.stats.new_l2_tables += 1
         # No checkpoint from here on: the table object is the cached one until we return.
-        first = geo.l2_index(run_start)
-        for k in range(n_clusters):
-            value = fmt.ZERO_CLUSTER if host is None else host + k * geo.cluster_size
-            table.set_entry(first + k, value)
-        self._metadata_dirty.set()
+        with trio.testing.assert_no_checkpoints():
+            first = geo.l2_index(run_start)
+            for k in range(n_clusters):
+                value = fmt.ZERO_CLUSTER if host is None else host + k * geo.cluster_size
+                table.set_entry(first + k, value)
+            self._metadata_dirty.set()
 
     async def _mark_need_check(self) -> None:
         """Make NEED_CHECK durable before the first metadata change after a clean state."""
@@ -679,31 +790,83 @@ class QedImage:
                 raise FailsafeError(f"image is in failsafe mode: {self.failsafe_reason}")
             # Once started, a flush runs to completion even if its caller is cancelled.
             with trio.CancelScope(shield=True):
+                await self._verify_file("before the flush")
+                self._sync_failed = False
                 try:
                     await self._flush_locked()
+                except OSError as exc:
+                    if exc.errno in NO_SPACE_ERRNOS and not self._sync_failed:
+                        # A refused metadata pwrite: the flush only overwrites space taken
+                        # earlier, so this is a filesystem that wants space even for that.
+                        # Whatever reached the file is valid (its data was synced first) and
+                        # the cache still holds it all: keep it, and let a later flush retry.
+                        log.warning("flush refused for lack of space: %s (will retry)", exc)
+                        raise
+                    await self._enter_failsafe(f"flush failed: {exc}")
+                    raise
                 except Exception as exc:
                     await self._enter_failsafe(f"flush failed: {exc}")
                     raise
+                await self._verify_file("after the flush")
+
+    async def _verify_file(self, when: str) -> None:
+        """Fail (EIO, failsafe) if the file is no longer what this engine wrote (finding 7).
+
+        Cheap checks: the size (fstat), the header struct and the L1 table (one pread each,
+        compared with what we wrote), and whether the file still has a name.
+        """
+        if self._foreign:
+            raise FailsafeError(f"image is in failsafe mode: {self.failsafe_reason}")
+        problem = None
+        size = await self.file.size()
+        if size < self._written_end:
+            problem = f"the file shrank to {size} bytes (it held {self._written_end})"
+        elif await self.file.pread(0, fmt.HEADER_STRUCT_SIZE) != self.header.pack():
+            problem = "its header was overwritten"
+        else:
+            disk = await self.file.pread(self.header.l1_table_offset, self.geometry.table_bytes)
+            if not self._l1_unknown_pages:
+                changed = disk != self._l1_disk
+            else:
+                changed = any(
+                    disk[k : k + PAGE_SIZE] != self._l1_disk[k : k + PAGE_SIZE]
+                    for k in range(0, len(disk), PAGE_SIZE)
+                    if k // PAGE_SIZE not in self._l1_unknown_pages
+                )
+            if changed:
+                problem = "its L1 table was overwritten"
+            else:
+                links = getattr(self.file, "link_count", None)
+                if links is not None and await links() == 0:
+                    problem = "it was deleted or replaced"
+        if problem is None:
+            return
+        self._foreign = True
+        reason = f"the image file was changed by someone else ({when}): {problem}"
+        await self._enter_failsafe(reason)
+        raise FailsafeError(f"image is in failsafe mode: {reason}")
 
     async def _flush_locked(self) -> None:
         dirty_tables = self._cache.dirty_tables()
         dirty_l1 = sorted(self._l1_dirty_pages)
         if self._data_gen != self._synced_gen or dirty_tables or dirty_l1:
             gen = self._data_gen
-            await self.file.fdatasync()
+            await self._datasync()
             self._synced_gen = gen
         if dirty_tables:
             for table in dirty_tables:
                 await self._write_table(
                     table.offset, table.entries, None if table.is_new else table.dirty_pages
                 )
-            await self.file.fdatasync()
+            await self._datasync()
             for table in dirty_tables:
                 table.is_new = False
                 table.dirty_pages.clear()
         if dirty_l1:
-            await self._write_table(self.header.l1_table_offset, self._l1, set(dirty_l1))
-            await self.file.fdatasync()
+            await self._write_table(
+                self.header.l1_table_offset, self._l1, set(dirty_l1), self._l1_disk
+            )
+            await self._datasync()
             self._l1_dirty_pages.clear()
         if self._need_check_on_disk and not self._unchecked:
             await self._write_header(
@@ -715,8 +878,27 @@ class QedImage:
             self._metadata_dirty = trio.Event()
         self.stats.flushes += 1
 
-    async def _write_table(self, offset: int, entries: array[int], pages: set[int] | None) -> None:
-        """Write a whole table, or only its dirty pages (merged into runs)."""
+    async def _datasync(self) -> None:
+        """``fdatasync``, remembering a failure: after one, Linux may have dropped the data
+        and its error state (a retry can return 0), so the caller must go failsafe."""
+        try:
+            await self.file.fdatasync()
+        except BaseException:
+            self._sync_failed = True
+            raise
+
+    async def _write_table(
+        self,
+        offset: int,
+        entries: array[int],
+        pages: set[int] | None,
+        disk_copy: bytearray | None = None,
+    ) -> None:
+        """Write a whole table, or only its dirty pages (merged into runs).
+
+        ``disk_copy`` (L1 only) follows what the file holds: written runs are copied in, and a
+        run whose write failed is unknown until written again.
+        """
         if pages is None:
             await self.file.pwrite(offset, fmt.encode_table(entries))
             return
@@ -728,7 +910,14 @@ class QedImage:
                 j += 1
             start = ordered[k] * PAGE_ENTRIES
             stop = min(len(entries), (ordered[j] + 1) * PAGE_ENTRIES)
-            await self.file.pwrite(offset + start * 8, fmt.encode_table(entries, start, stop))
+            data = fmt.encode_table(entries, start, stop)
+            run = range(ordered[k], ordered[j] + 1)
+            if disk_copy is not None:
+                self._l1_unknown_pages.update(run)
+            await self.file.pwrite(offset + start * 8, data)
+            if disk_copy is not None:
+                disk_copy[start * 8 : stop * 8] = data
+                self._l1_unknown_pages.difference_update(run)
             k = j + 1
 
     async def _enter_failsafe(self, reason: str) -> None:
@@ -739,8 +928,7 @@ class QedImage:
         self._cache.clear()
         try:
             raw = await self.file.pread(self.header.l1_table_offset, self.geometry.table_bytes)
-            file_size = await self.file.size()
-            self._install_l1(fmt.decode_table(raw), file_size)
+            self._reinstall_l1(raw)
         except OSError as exc:
             log.error("could not re-read L1 after failure: %s; every range now fails", exc)
             self._l1_bad = set(range(len(self._l1)))
@@ -768,8 +956,11 @@ class QedImage:
             try:
                 await self.flush()
             except (QedError, OSError) as exc:
-                log.error("background flush failed: %s", exc)
-                return
+                if self.failsafe_reason is not None:
+                    log.error("background flush failed: %s", exc)
+                    return
+                # Refused for lack of space, nothing lost: try again later.
+                await trio.sleep(delay)
 
     # ------------------------------------------------------------------ resize
 
@@ -817,10 +1008,11 @@ class QedImage:
         try:
             if not self.read_only and self.failsafe_reason is None:
                 await self.flush()
-            elif not self.read_only:
+            elif not self.read_only and not self._foreign:
                 await self._leave_need_check_set()
         finally:
             self._closed = True
+            self._used.close()
             try:
                 await self.file.aclose()
             finally:

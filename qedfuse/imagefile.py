@@ -325,6 +325,10 @@ class FileImage:
             await self.pwrite(pos, memoryview(zeros)[:n])
             pos += n
 
+    async def link_count(self) -> int:
+        """Names the file still has: 0 once it was deleted or replaced under us."""
+        return os.fstat(self.fd).st_nlink
+
     async def aclose(self) -> None:
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
