@@ -287,7 +287,8 @@ class QedImage:
         self._closed = False
         # Set once the file is found changed by someone else: nothing is written to it again.
         self._foreign = False
-        self._sync_failed = False  # an fdatasync failed during the current operation
+        self._sync_failed = False  # an fdatasync failed during the current flush
+        self._refused_write = False  # a metadata pwrite was refused for lack of space
         self._install_l1(l1, file_size)
         if self._l1_bad and not read_only:
             # The file must not grow over what a bad entry points at, or a later open would
@@ -577,6 +578,11 @@ class QedImage:
     async def _write_unchecked(self, pos: int, data: Buffer, detect_zeroes: bool | None) -> None:
         detect = self.options.detect_zeroes if detect_zeroes is None else detect_zeroes
         view = memoryview(data).cast("B")
+        if await self.file.size() < self._written_end:
+            # Cut by someone else: a write could re-extend it and hide the loss (finding 7).
+            self._foreign = True
+            self.enter_failsafe("the image file was changed by someone else: it shrank")
+            raise FailsafeError(f"image is in failsafe mode: {self.failsafe_reason}")
         self._last_write_time = trio.current_time()
         while view:
             ext = await self._lookup(pos, len(view))
@@ -711,9 +717,9 @@ class QedImage:
         """Write the 64-byte struct (never the bytes after it) and sync it.  The engine adopts
         the header once the write is issued: from then on the file may hold it, even if the
         sync fails, and a later header write must not undo it."""
-        await self.file.pwrite(0, header.pack())
+        await self._meta_pwrite(0, header.pack())
         self.header = header
-        await self.file.fdatasync()
+        await self._datasync()
 
     def _allocate(self, n_clusters: int) -> int:
         offset = self._alloc_end
@@ -772,9 +778,17 @@ class QedImage:
         """Make NEED_CHECK durable before the first metadata change after a clean state."""
         if self._need_check_on_disk:
             return
-        await self._write_header(
-            self.header.replace(features=self.header.features | fmt.Feature.NEED_CHECK)
-        )
+        self._sync_failed = False
+        try:
+            await self._write_header(
+                self.header.replace(features=self.header.features | fmt.Feature.NEED_CHECK)
+            )
+        except OSError as exc:
+            if self._sync_failed:
+                # Data written in place since the last flush may be gone with the failed
+                # sync, and a retry could return 0 without it (see :meth:`_datasync`).
+                await self._enter_failsafe(f"sync failed: {exc}")
+            raise
         self._need_check_on_disk = True
         self.stats.need_check_sets += 1
 
@@ -790,12 +804,12 @@ class QedImage:
                 raise FailsafeError(f"image is in failsafe mode: {self.failsafe_reason}")
             # Once started, a flush runs to completion even if its caller is cancelled.
             with trio.CancelScope(shield=True):
-                await self._verify_file("before the flush")
-                self._sync_failed = False
+                self._sync_failed = self._refused_write = False
                 try:
+                    await self._verify_file("before the flush")
                     await self._flush_locked()
                 except OSError as exc:
-                    if exc.errno in NO_SPACE_ERRNOS and not self._sync_failed:
+                    if self._refused_write and not self._sync_failed:
                         # A refused metadata pwrite: the flush only overwrites space taken
                         # earlier, so this is a filesystem that wants space even for that.
                         # Whatever reached the file is valid (its data was synced first) and
@@ -803,6 +817,8 @@ class QedImage:
                         log.warning("flush refused for lack of space: %s (will retry)", exc)
                         raise
                     await self._enter_failsafe(f"flush failed: {exc}")
+                    raise
+                except FailsafeError:
                     raise
                 except Exception as exc:
                     await self._enter_failsafe(f"flush failed: {exc}")
@@ -887,6 +903,15 @@ class QedImage:
             self._sync_failed = True
             raise
 
+    async def _meta_pwrite(self, offset: int, data: Buffer) -> None:
+        """pwrite of metadata, remembering a refusal for lack of space (see :meth:`flush`)."""
+        try:
+            await self.file.pwrite(offset, data)
+        except OSError as exc:
+            if exc.errno in NO_SPACE_ERRNOS:
+                self._refused_write = True
+            raise
+
     async def _write_table(
         self,
         offset: int,
@@ -900,7 +925,7 @@ class QedImage:
         run whose write failed is unknown until written again.
         """
         if pages is None:
-            await self.file.pwrite(offset, fmt.encode_table(entries))
+            await self._meta_pwrite(offset, fmt.encode_table(entries))
             return
         ordered = sorted(pages)
         k = 0
@@ -914,7 +939,7 @@ class QedImage:
             run = range(ordered[k], ordered[j] + 1)
             if disk_copy is not None:
                 self._l1_unknown_pages.update(run)
-            await self.file.pwrite(offset + start * 8, data)
+            await self._meta_pwrite(offset + start * 8, data)
             if disk_copy is not None:
                 disk_copy[start * 8 : stop * 8] = data
                 self._l1_unknown_pages.difference_update(run)
@@ -1007,7 +1032,12 @@ class QedImage:
             return
         try:
             if not self.read_only and self.failsafe_reason is None:
-                await self.flush()
+                try:
+                    await self.flush()
+                except BaseException as exc:
+                    # The cached metadata goes with this object: what was not flushed is lost.
+                    self.enter_failsafe(f"close failed: {exc!r}")
+                    raise
             elif not self.read_only and not self._foreign:
                 await self._leave_need_check_set()
         finally:
