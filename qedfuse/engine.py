@@ -852,9 +852,9 @@ class QedImage:
             if changed:
                 problem = "its L1 table was overwritten"
             else:
-                links = getattr(self.file, "link_count", None)
-                if links is not None and await links() == 0:
-                    problem = "it was deleted or replaced"
+                still_named = getattr(self.file, "still_named", None)
+                if still_named is not None and not await still_named():
+                    problem = "it was deleted, renamed away or replaced"
         if problem is None:
             return
         self._foreign = True

@@ -461,10 +461,10 @@ async def _mutate(img: QedImage, mutation: str) -> None:
             poke_u64(memory, l1 + 8 * 7, 0x123456000)
     else:
 
-        async def gone() -> int:
-            return 0
+        async def gone() -> bool:
+            return False
 
-        img.file.link_count = gone  # type: ignore[union-attr]
+        img.file.still_named = gone  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("mutation", MUTATIONS)
