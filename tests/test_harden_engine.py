@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 import trio
-
 from enginehelpers import (
     Model,
     Wrapper,
@@ -31,6 +30,7 @@ from enginehelpers import (
     raw,
     reopen,
 )
+
 from qedfuse import format as fmt
 from qedfuse.check import check_image
 from qedfuse.engine import Kind, OpenOptions, QedImage, create_image, open_image
@@ -234,7 +234,8 @@ async def test_no_host_cluster_served_twice(
 async def test_repro_issue_11_finding_1() -> None:
     """The reported case: 4 GiB, 64 KiB clusters, ts 4, L2 entry == the file's end."""
     b = await build(65536, 4, n_tables=2, n_clusters=0)
-    assert b.tables == [0x50000, 0x90000] and len(b.data) == 0xD0000
+    assert b.tables == [0x50000, 0x90000]
+    assert len(b.data) == 0xD0000
     b.set_l2(1, 0, 0xD0000)
     img = await open_built(b)
     await img.write(0, b"A" * 65536)
@@ -387,7 +388,7 @@ async def test_full_disk_refuses_writes_and_loses_nothing(
         try:
             await img.write(pos, data)
         except OSError as exc:
-            assert exc.errno == errno.ENOSPC
+            assert exc.errno == errno.ENOSPC  # noqa: PT017 - a loop, not one expected raise
             refused += 1
             model.unknown(pos, write_size)
         else:
@@ -409,7 +410,7 @@ async def test_full_disk_refuses_writes_and_loses_nothing(
         model.write(pos, data)
     await img.close()
     report = await check_image(MemoryImage(memory.data))
-    assert report.corruptions == 0 and report.leaks == 0 and not report.need_check, (
+    assert (report.corruptions, report.leaks, report.need_check) == (0, 0, False), (
         report.summary_line()
     )
     img = await reopen(img, close=False)
@@ -472,7 +473,7 @@ async def _mutate(img: QedImage, mutation: str) -> None:
 async def test_image_changed_under_the_engine_fails_the_flush(mutation: str, then: str) -> None:
     img = await _flushed_image()
     await _mutate(img, mutation)
-    with pytest.raises(QedError) as info:
+    with pytest.raises(QedError) as info:  # noqa: PT012 - the write or the flush fails
         if then != "flush":
             # in place: the last cluster re-extends a truncated file to its old length
             pos = 25 * 4096 if then == "write-last-cluster-flush" else 0
