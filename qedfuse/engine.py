@@ -91,6 +91,8 @@ ZERO_CHUNK_SIZE = 4 * 1024 * 1024
 _ZERO_CHUNK = bytes(ZERO_CHUNK_SIZE)
 #: errnos of a refused write that changed nothing and may succeed once space is freed.
 NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+#: L1 pages compared with what we wrote, per flush (a hostile L1 may use all of them).
+MAX_VERIFY_PAGES = 16
 #: A reloaded table keeps its own list of bad entries only up to this many (then: all bad).
 MAX_REMEMBERED_BAD = 64
 
@@ -335,6 +337,8 @@ class QedImage:
         geo = self.geometry
         self._l1 = l1
         self._l1_disk = bytearray(fmt.encode_table(l1))  # what L1 on disk holds (see _verify_file)
+        self._l1_verify_cursor = 0
+        self._l1_used_pages = {i // PAGE_ENTRIES for i, offset in enumerate(l1) if offset}
         self._l1_dirty_pages: set[int] = set()
         self._l1_unknown_pages: set[int] = set()  # L1 pages whose pwrite failed midway
         # L2 table offset -> its bad entries when first checked (None: too many, all bad).
@@ -394,6 +398,7 @@ class QedImage:
         }
         self._l1 = disk
         self._l1_disk = bytearray(raw)
+        self._l1_used_pages = {i // PAGE_ENTRIES for i, offset in enumerate(disk) if offset}
         self._l1_dirty_pages = set()
         self._l1_unknown_pages = set()
 
@@ -823,13 +828,33 @@ class QedImage:
                 except Exception as exc:
                     await self._enter_failsafe(f"flush failed: {exc}")
                     raise
-                await self._verify_file("after the flush")
+                await self._verify_file("after the flush", full=False)
 
-    async def _verify_file(self, when: str) -> None:
+    def _l1_pages_to_verify(self) -> list[int]:
+        """The L1 pages one check compares: those that map something (a zeroed or changed
+        page there loses data), at most :data:`MAX_VERIFY_PAGES` per check, in turns."""
+        used = sorted(self._l1_used_pages - self._l1_unknown_pages)
+        if len(used) <= MAX_VERIFY_PAGES:
+            return used
+        start = self._l1_verify_cursor % len(used)
+        self._l1_verify_cursor = start + MAX_VERIFY_PAGES
+        return sorted((used + used)[start : start + MAX_VERIFY_PAGES])
+
+    async def _l1_changed(self) -> bool:
+        l1 = self.header.l1_table_offset
+        for page in self._l1_pages_to_verify():
+            k = page * PAGE_SIZE
+            expect = self._l1_disk[k : k + PAGE_SIZE]
+            if await self.file.pread(l1 + k, len(expect)) != expect:
+                return True
+        return False
+
+    async def _verify_file(self, when: str, *, full: bool = True) -> None:
         """Fail (EIO, failsafe) if the file is no longer what this engine wrote (finding 7).
 
-        Cheap checks: the size (fstat), the header struct and the L1 table (one pread each,
-        compared with what we wrote), and whether the file still has a name.
+        Cheap checks: the size (fstat) and the header struct (one pread); ``full`` adds the
+        L1 pages that map something (compared with what we wrote) and whether the file is
+        still reachable by its name.
         """
         if self._foreign:
             raise FailsafeError(f"image is in failsafe mode: {self.failsafe_reason}")
@@ -839,17 +864,8 @@ class QedImage:
             problem = f"the file shrank to {size} bytes (it held {self._written_end})"
         elif await self.file.pread(0, fmt.HEADER_STRUCT_SIZE) != self.header.pack():
             problem = "its header was overwritten"
-        else:
-            disk = await self.file.pread(self.header.l1_table_offset, self.geometry.table_bytes)
-            if not self._l1_unknown_pages:
-                changed = disk != self._l1_disk
-            else:
-                changed = any(
-                    disk[k : k + PAGE_SIZE] != self._l1_disk[k : k + PAGE_SIZE]
-                    for k in range(0, len(disk), PAGE_SIZE)
-                    if k // PAGE_SIZE not in self._l1_unknown_pages
-                )
-            if changed:
+        elif full:
+            if await self._l1_changed():
                 problem = "its L1 table was overwritten"
             else:
                 still_named = getattr(self.file, "still_named", None)
@@ -942,6 +958,7 @@ class QedImage:
             await self._meta_pwrite(offset + start * 8, data)
             if disk_copy is not None:
                 disk_copy[start * 8 : stop * 8] = data
+                self._l1_used_pages.update(run)
                 self._l1_unknown_pages.difference_update(run)
             k = j + 1
 
