@@ -6,7 +6,8 @@
   following ``dd … conv=fsync`` fails, and qedfuse writes nothing more into that file.
 * Finding 8: a real 64 MiB tmpfs filled by a writer without fsync: the write that needs space
   fails with ENOSPC, earlier writes read back, the close succeeds, and after freeing space
-  the remaining writes and the fsync succeed; ``qemu-img check`` is clean.
+  the remaining writes and the fsync succeed; ``qemu-img check`` is clean.  In process, the
+  FUSE fsync handler answers ENOSPC (not EIO) when the flush failed for lack of space.
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ from pathlib import Path
 import pytest
 import qededit
 import trio
-from enginehelpers import pattern
+from enginehelpers import Wrapper, pattern
 from fusehelpers import mounted, qedfuse
+from pyfuse3 import FUSEError
 
-from qedfuse.engine import create_image
-from qedfuse.imagefile import FileImage
+from qedfuse.engine import create_image, open_image
+from qedfuse.fs import QedFS
+from qedfuse.imagefile import Buffer, FileImage, MemoryImage
 from support import check_ok, describe, require_tool, run
 
 KiB = 1024
@@ -224,3 +227,51 @@ def test_full_tmpfs_refuses_writes_keeps_the_view_and_recovers(
         for pos, data in written.items():
             f.seek(pos)
             assert f.read(chunk) == data, f"the image lost the write at {pos}"
+
+
+# ---------------------------------------------------------------------------- fsync errnos
+
+
+class _NoSpaceOnce(Wrapper):
+    """Refuses the first ``op`` (a metadata pwrite, or a sync) with ENOSPC once armed."""
+
+    def __init__(self, inner: MemoryImage) -> None:
+        super().__init__(inner)
+        self.op: str | None = None
+
+    async def pwrite(self, offset: int, data: Buffer) -> None:
+        if self.op == "pwrite" and offset < 3 * 4096:  # header or L1: an overwrite
+            self.op = None
+            raise OSError(errno.ENOSPC, "No space left on device")
+        await self.inner.pwrite(offset, data)
+
+    async def fdatasync(self) -> None:
+        if self.op == "fdatasync":
+            self.op = None
+            raise OSError(errno.ENOSPC, "No space left on device")
+        await self.inner.fdatasync()
+
+
+@pytest.mark.parametrize("op", ["pwrite", "fdatasync"])
+async def test_fsync_for_lack_of_space_says_enospc(op: str) -> None:
+    """What the FUSE handler answers: ENOSPC, not EIO.  A refused overwrite keeps everything
+    (the next fsync succeeds); a failed sync is failsafe (Linux may have dropped the data),
+    so the next fsync says EIO."""
+    memory = MemoryImage()
+    await create_image(memory, 4 * MiB, cluster_size=4096, table_size=1)
+    file = _NoSpaceOnce(memory)
+    image = await open_image(file)  # type: ignore[arg-type]
+    fs = QedFS(image, file_name="d.raw", image_path="/nonexistent/d.qed")
+    await image.write(8192, b"\x42" * 4096)
+    file.op = op
+    with pytest.raises(FUSEError) as info:
+        await fs.fsync(0, False)  # type: ignore[arg-type]
+    assert info.value.errno == errno.ENOSPC
+    if op == "pwrite":
+        await fs.fsync(0, False)  # type: ignore[arg-type]
+        assert await image.read(8192, 4096) == b"\x42" * 4096
+    else:
+        with pytest.raises(FUSEError) as info:
+            await fs.fsync(0, False)  # type: ignore[arg-type]
+        assert info.value.errno == errno.EIO
+    await image.close()
