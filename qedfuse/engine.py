@@ -72,6 +72,7 @@ from qedfuse.errors import (
     CorruptionError,
     FailsafeError,
     FormatError,
+    LimitError,
     OutOfRangeError,
     QedError,
     ReadOnlyError,
@@ -93,6 +94,9 @@ _ZERO_CHUNK = bytes(ZERO_CHUNK_SIZE)
 NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 #: L1 pages compared with what we wrote, per flush (a hostile L1 may use all of them).
 MAX_VERIFY_PAGES = 16
+#: Largest image file (in clusters) the engine tracks: its bitmap is then 512 MiB of address
+#: space (16 TiB files with 4 KiB clusters, 256 TiB with 64 KiB).
+MAX_FILE_CLUSTERS = 1 << 32
 #: A reloaded table keeps its own list of bad entries only up to this many (then: all bad).
 MAX_REMEMBERED_BAD = 64
 
@@ -108,7 +112,14 @@ class ClusterBitmap:
     def __init__(self, n_clusters: int, cluster_bits: int) -> None:
         self.n_clusters = n_clusters
         self.cluster_bits = cluster_bits
-        self._bits = mmap.mmap(-1, max(1, -(-n_clusters // 8)))
+        if n_clusters > MAX_FILE_CLUSTERS:
+            raise LimitError(
+                f"image file too large: {n_clusters} clusters (at most {MAX_FILE_CLUSTERS})"
+            )
+        try:
+            self._bits = mmap.mmap(-1, max(1, -(-n_clusters // 8)))
+        except (OSError, MemoryError, OverflowError) as exc:
+            raise LimitError(f"no memory to track {n_clusters} clusters: {exc}") from None
 
     def test_and_set(self, offset: int) -> bool:
         """Mark the cluster at file ``offset`` used; return whether it already was."""

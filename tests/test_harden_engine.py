@@ -34,7 +34,7 @@ from enginehelpers import (
 from qedfuse import format as fmt
 from qedfuse.check import check_image
 from qedfuse.engine import Kind, OpenOptions, QedImage, create_image, open_image
-from qedfuse.errors import CorruptionError, FailsafeError, QedError
+from qedfuse.errors import CorruptionError, FailsafeError, LimitError, QedError
 from qedfuse.imagefile import Buffer, FileImage, MemoryImage
 
 KiB = 1024
@@ -501,3 +501,30 @@ async def test_untouched_image_flushes_fine() -> None:
     await img.write(100 * MiB, b"x" * 5000)
     await img.close()
     assert not img.failsafe
+
+
+class _HugeSparse(Wrapper):
+    """A file that claims to be ``length`` bytes long (reads past the data are zeros)."""
+
+    def __init__(self, inner: MemoryImage, length: int) -> None:
+        super().__init__(inner)
+        self.length = length
+
+    async def size(self) -> int:
+        return self.length
+
+
+@pytest.mark.parametrize(("cs", "length", "ok"), [(4096, 15 << 40, True), (4096, 17 << 40, False)])
+async def test_files_too_large_to_track_are_refused_in_one_line(
+    cs: int, length: int, ok: bool
+) -> None:
+    memory = MemoryImage()
+    await create_image(memory, 1 << 30, cluster_size=cs, table_size=16)
+    file = _HugeSparse(memory, length)
+    if ok:
+        img = await open_image(file, read_only=True)
+        assert await img.read(0, 512) == bytes(512)
+        await img.close()
+        return
+    with pytest.raises(LimitError, match=r"^image file too large: [^\n]*$"):
+        await open_image(file, read_only=True)
