@@ -7,7 +7,9 @@ Durability protocol (the project's design, stricter than QEMU's write-through or
 ------------------------------------------------------------------------------------
 * Metadata is cached.  An allocating write appends data clusters at the allocator's end of
   file, writes the data (with the copy-on-write fill), then changes the cached L2 entry (and,
-  for a new L2 table, the cached L1 entry).  Nothing metadata is written through.
+  for a new L2 table, the cached L1 entry).  A new L2 table takes its space at once (its
+  zeros are written when it is created), so a flush only overwrites: a full disk refuses the
+  guest write that needs space (ENOSPC, its allocation rolled back), never a later flush.
 * Before the first allocation or metadata change after a clean state, NEED_CHECK is set in
   the header and made durable (64-byte struct write + ``fdatasync``).  Bytes after the
   struct are never rewritten, so unknown extra header data survives.
@@ -45,12 +47,17 @@ dirty tables exceed the cache budget, the next allocating write runs a flush.
 
 Safety
 ~~~~~~
-Every L1 entry is validated at open and every L2 table when it is loaded: an entry that is
-misaligned, inside the header, past the end of the file, or pointing into the header, L1 or
-any L2 table is *bad*; guest I/O touching it fails with :class:`CorruptionError` (EIO) and is
-never written through.  A failed flush puts the engine in failsafe: the cached metadata is
-dropped and re-read from disk (so reads show what a fresh open would), NEED_CHECK stays set,
-and further writes fail with EIO.
+Every L1 entry is validated at open and every L2 table when it is first loaded: an entry that
+is misaligned, inside the header, at or past the end of the file *as it was at open*, pointing
+into the header, L1 or any L2 table, or at a host cluster another entry already maps (a bitmap
+over the open-time file's clusters) is *bad*; guest I/O touching it fails with
+:class:`CorruptionError` (EIO) and is never written through.  What lies past the open-time end
+is ours, so growth never makes a hostile entry valid.  A failed flush puts the engine in
+failsafe: the cached metadata is dropped and L1 re-read from disk (entries we did not write
+are bad), NEED_CHECK stays set, and further writes fail with EIO; a flush refused for lack of
+space on a metadata overwrite keeps everything and is retried.  Every flush first checks
+that the file is still what we wrote (size, header, the L1 pages in use, its name): if not,
+it fails with EIO and nothing more is written to the file.
 """
 
 from __future__ import annotations
