@@ -307,6 +307,7 @@ class QedImage:
         self._closed = False
         # Set once the file is found changed by someone else: nothing is written to it again.
         self._foreign = False
+        self._packed_header = (header, header.pack())
         self._sync_failed = False  # an fdatasync failed during the current flush
         self._refused_write = False  # a metadata pwrite was refused for lack of space
         self._install_l1(l1, file_size)
@@ -848,6 +849,12 @@ class QedImage:
                     raise
                 await self._verify_file("after the flush", full=False)
 
+    def _header_bytes(self) -> bytes:
+        """The packed header we last wrote (packing costs ~20 µs: cached per header)."""
+        if self._packed_header[0] is not self.header:
+            self._packed_header = (self.header, self.header.pack())
+        return self._packed_header[1]
+
     def _l1_pages_to_verify(self) -> list[int]:
         """The L1 pages one check compares: those that map something (a zeroed or changed
         page there loses data), at most :data:`MAX_VERIFY_PAGES` per check, in turns."""
@@ -880,7 +887,7 @@ class QedImage:
         size = await self.file.size()
         if size < self._written_end:
             problem = f"the file shrank to {size} bytes (it held {self._written_end})"
-        elif await self.file.pread(0, fmt.HEADER_STRUCT_SIZE) != self.header.pack():
+        elif await self.file.pread(0, fmt.HEADER_STRUCT_SIZE) != self._header_bytes():
             problem = "its header was overwritten"
         elif full:
             if await self._l1_changed():
