@@ -151,7 +151,7 @@ async def _open_qed(
 ) -> QedImage:
     what = "" if depth == 0 else "Could not open backing file: "
     fd = _open_fd(path, read_only=read_only, what=what, growable=not read_only)
-    file = FileImage(fd, read_only=read_only, threaded_io=threaded_io)
+    file = FileImage(fd, read_only=read_only, threaded_io=threaded_io, path=path)
     backing: GuestSource | None = None
     try:
         _claim(fd, path, seen, lock_mode if lock else None)

@@ -7,7 +7,9 @@ Durability protocol (the project's design, stricter than QEMU's write-through or
 ------------------------------------------------------------------------------------
 * Metadata is cached.  An allocating write appends data clusters at the allocator's end of
   file, writes the data (with the copy-on-write fill), then changes the cached L2 entry (and,
-  for a new L2 table, the cached L1 entry).  Nothing metadata is written through.
+  for a new L2 table, the cached L1 entry).  A new L2 table takes its space at once (its
+  zeros are written when it is created), so a flush only overwrites: a full disk refuses the
+  guest write that needs space (ENOSPC, its allocation rolled back), never a later flush.
 * Before the first allocation or metadata change after a clean state, NEED_CHECK is set in
   the header and made durable (64-byte struct write + ``fdatasync``).  Bytes after the
   struct are never rewritten, so unknown extra header data survives.
@@ -45,18 +47,25 @@ dirty tables exceed the cache budget, the next allocating write runs a flush.
 
 Safety
 ~~~~~~
-Every L1 entry is validated at open and every L2 table when it is loaded: an entry that is
-misaligned, inside the header, past the end of the file, or pointing into the header, L1 or
-any L2 table is *bad*; guest I/O touching it fails with :class:`CorruptionError` (EIO) and is
-never written through.  A failed flush puts the engine in failsafe: the cached metadata is
-dropped and re-read from disk (so reads show what a fresh open would), NEED_CHECK stays set,
-and further writes fail with EIO.
+Every L1 entry is validated at open and every L2 table when it is first loaded: an entry that
+is misaligned, inside the header, at or past the end of the file *as it was at open*, pointing
+into the header, L1 or any L2 table, or at a host cluster another entry already maps (a bitmap
+over the open-time file's clusters) is *bad*; guest I/O touching it fails with
+:class:`CorruptionError` (EIO) and is never written through.  What lies past the open-time end
+is ours, so growth never makes a hostile entry valid.  A failed flush puts the engine in
+failsafe: the cached metadata is dropped and L1 re-read from disk (entries we did not write
+are bad), NEED_CHECK stays set, and further writes fail with EIO; a flush refused for lack of
+space on a metadata overwrite keeps everything and is retried.  Every flush first checks
+that the file is still what we wrote (size, header, the L1 pages in use, its name): if not,
+it fails with EIO and nothing more is written to the file.
 """
 
 from __future__ import annotations
 
 import enum
+import errno
 import logging
+import mmap
 import time
 from array import array
 from collections import OrderedDict
@@ -64,12 +73,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import trio
+import trio.testing
 
 from qedfuse import format as fmt
 from qedfuse.errors import (
     CorruptionError,
     FailsafeError,
     FormatError,
+    LimitError,
     OutOfRangeError,
     QedError,
     ReadOnlyError,
@@ -88,6 +99,49 @@ DEFAULT_CACHE_SIZE = 8 * 1024 * 1024
 #: Largest chunk write_zeroes hands to the write path at once.
 ZERO_CHUNK_SIZE = 4 * 1024 * 1024
 _ZERO_CHUNK = bytes(ZERO_CHUNK_SIZE)
+#: errnos of a refused write that changed nothing and may succeed once space is freed.
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+#: L1 pages compared with what we wrote, per flush (a hostile L1 may use all of them).
+MAX_VERIFY_PAGES = 16
+#: Largest image file (in clusters) the engine tracks: its bitmap is then 512 MiB of address
+#: space (16 TiB files with 4 KiB clusters, 256 TiB with 64 KiB).
+MAX_FILE_CLUSTERS = 1 << 32
+#: A reloaded table keeps its own list of bad entries only up to this many (then: all bad).
+MAX_REMEMBERED_BAD = 64
+
+
+class ClusterBitmap:
+    """One bit per host cluster of the file as it was opened: metadata, or referenced data.
+
+    The bits live in an anonymous mapping, so pages never touched cost no memory: a 1 TiB
+    sparse file with 4 KiB clusters reserves 32 MiB of address space, and uses only the pages
+    of the clusters its tables actually reference.
+    """
+
+    def __init__(self, n_clusters: int, cluster_bits: int) -> None:
+        self.n_clusters = n_clusters
+        self.cluster_bits = cluster_bits
+        if n_clusters > MAX_FILE_CLUSTERS:
+            raise LimitError(
+                f"image file too large: {n_clusters} clusters (at most {MAX_FILE_CLUSTERS})"
+            )
+        try:
+            self._bits = mmap.mmap(-1, max(1, -(-n_clusters // 8)))
+        except (OSError, MemoryError, OverflowError) as exc:
+            raise LimitError(f"no memory to track {n_clusters} clusters: {exc}") from None
+
+    def test_and_set(self, offset: int) -> bool:
+        """Mark the cluster at file ``offset`` used; return whether it already was."""
+        k = offset >> self.cluster_bits
+        byte = self._bits[k >> 3]
+        bit = 1 << (k & 7)
+        if byte & bit:
+            return True
+        self._bits[k >> 3] = byte | bit
+        return False
+
+    def close(self) -> None:
+        self._bits.close()
 
 
 class GuestSource(Protocol):
@@ -305,7 +359,7 @@ class QedImage:
         self._cache = L2Cache(options.cache_size, geometry.table_bytes)
         self._alloc_lock = trio.Lock()
         self._loading: dict[int, trio.Event] = {}
-        self._data_gen = 0  # bumped by every data pwrite
+        self._data_gen = 0  # bumped once each data pwrite has completed (or failed)
         self._synced_gen = 0  # value of _data_gen covered by the last completed data sync
         self._need_check_on_disk = header.need_check
         # Opened with NEED_CHECK still set (repair disabled, or corruption the repair left):
@@ -315,6 +369,11 @@ class QedImage:
         self._last_write_time = 0.0
         self._zero_cluster = bytes(geometry.cluster_size)
         self._closed = False
+        # Set once the file is found changed by someone else: nothing is written to it again.
+        self._foreign = False
+        self._packed_header = (header, header.pack())
+        self._sync_failed = False  # an fdatasync failed during the current flush
+        self._refused_write = False  # a metadata pwrite was refused for lack of space
         self._install_l1(l1, file_size)
         if self._l1_bad and not read_only:
             # The file must not grow over what a bad entry points at, or a later open would
@@ -351,12 +410,28 @@ class QedImage:
     # ------------------------------------------------------------------ L1 / metadata map
 
     def _install_l1(self, l1: array[int], file_size: int) -> None:
-        """Adopt an L1 table read from disk: validate entries, build the metadata map."""
+        """Adopt the L1 table read at open: validate entries, mark the metadata clusters.
+
+        Trust is fixed here, once: an entry read from disk is valid only if it points inside
+        the file as it was now (``_open_end``).  The file grows while the image is open, but
+        what grows it is ours, so an entry reaching past the open-time end was never written
+        by anyone who knew what lives there (issue 11, finding 1).
+        """
         geo = self.geometry
         self._l1 = l1
+        self._l1_disk = bytearray(fmt.encode_table(l1))  # what L1 on disk holds (see _verify_file)
+        self._l1_verify_cursor = 0
+        self._l1_used_pages = {i // PAGE_ENTRIES for i, offset in enumerate(l1) if offset}
         self._l1_dirty_pages: set[int] = set()
-        self._validated_l2: set[int] = set()  # L2 table offsets known valid (see _load_l2)
+        self._l1_unknown_pages: set[int] = set()  # L1 pages whose pwrite failed midway
+        # L2 table offset -> its bad entries when first checked (None: too many, all bad).
+        # Tables we create, and tables checked once, are never checked again: their entries
+        # are already marked in the bitmap, so a second check would call them duplicates.
+        self._checked_l2: dict[int, frozenset[int] | None] = {}
         self._alloc_end = geo.round_down(file_size)
+        self._open_end = self._alloc_end
+        self._written_end = self._alloc_end  # end of what our completed pwrites made exist
+        self._used = ClusterBitmap(self._open_end >> geo.cluster_bits, geo.cluster_bits)
         l1_start = self.header.l1_table_offset
         l1_end = l1_start + geo.table_bytes
         self._l1_bad: set[int] = set()
@@ -364,7 +439,7 @@ class QedImage:
         for index, offset in enumerate(l1):
             if offset == 0:
                 continue
-            if not geo.is_table_offset(offset, self._alloc_end) or (
+            if not geo.is_table_offset(offset, self._open_end) or (
                 offset < l1_end and offset + geo.table_bytes > l1_start
             ):
                 self._l1_bad.add(index)
@@ -377,36 +452,56 @@ class QedImage:
             if candidates[k][0] < candidates[k - 1][0] + geo.table_bytes:
                 self._l1_bad.add(candidates[k][1])
                 self._l1_bad.add(candidates[k - 1][1])
-        self._meta_clusters: set[int] = set()
         for offset in range(l1_start, l1_end, geo.cluster_size):
-            self._meta_clusters.add(offset)
+            self._used.test_and_set(offset)
         # Overlapping tables are refused above but are still L2 metadata: a data entry
         # pointing into one must be refused too, not written through.
         for offset, _index in candidates:
-            self._add_meta_table(offset)
+            for k in range(geo.table_size):
+                self._used.test_and_set(offset + k * geo.cluster_size)
         if self._l1_bad:
             log.warning(
                 "%d invalid L1 entries; the guest ranges they map will fail with EIO",
                 len(self._l1_bad),
             )
 
-    def _add_meta_table(self, offset: int) -> None:
-        cs = self.geometry.cluster_size
-        for k in range(self.geometry.table_size):
-            self._meta_clusters.add(offset + k * cs)
+    def _reinstall_l1(self, raw: bytes) -> None:
+        """Failsafe: show the L1 on disk, trusting only what open trusted and what we wrote.
+
+        An on-disk entry equal to the one we hold keeps its validity; an entry we never wrote
+        (changed by someone else, or a page torn by the failed write) is bad.  The open-time
+        end and the bitmap stay as they are, so nothing hostile becomes valid by the file
+        having grown meanwhile.
+        """
+        disk = fmt.decode_table(raw)
+        self._l1_bad = {
+            index
+            for index, offset in enumerate(disk)
+            if offset and (offset != self._l1[index] or index in self._l1_bad)
+        }
+        self._l1 = disk
+        self._l1_disk = bytearray(raw)
+        self._l1_used_pages = {i // PAGE_ENTRIES for i, offset in enumerate(disk) if offset}
+        self._l1_dirty_pages = set()
+        self._l1_unknown_pages = set()
 
     def _validate_l2(self, entries: array[int]) -> set[int]:
-        """Indices of invalid data entries in an L2 table just read from disk."""
+        """Indices of invalid data entries in an L2 table read from disk for the first time.
+
+        Bad: misaligned, in the header, at or past the open-time end of the file, in metadata,
+        or a host cluster some other entry already maps (the first mapping seen keeps it).
+        Valid entries are marked in the bitmap.
+        """
         geo = self.geometry
         mask = geo.cluster_size - 1
         low = geo.header_end_offset
-        high = self._alloc_end
-        meta = self._meta_clusters
-        return {
-            i
-            for i, e in enumerate(entries)
-            if e > 1 and (e & mask or e < low or e >= high or e in meta)
-        }
+        high = self._open_end
+        used = self._used
+        bad: set[int] = set()
+        for i, e in enumerate(entries):
+            if e > 1 and (e & mask or e < low or e >= high or used.test_and_set(e)):
+                bad.add(i)
+        return bad
 
     # ------------------------------------------------------------------ L2 access
 
@@ -425,12 +520,17 @@ class QedImage:
         try:
             raw = await self.file.pread(offset, self.geometry.table_bytes)
             entries = fmt.decode_table(raw)
-            # Validity only grows while the image is open (the file end only moves out, new
-            # metadata is allocated past it), and an evicted table is clean: a table validated
-            # once need not be validated again when it is reloaded.
-            bad = set() if offset in self._validated_l2 else self._validate_l2(entries)
-            if not bad:
-                self._validated_l2.add(offset)
+            # An evicted table is clean and every change to it since its check was ours: a
+            # table checked once keeps the verdict it had (its entries are in the bitmap).
+            if offset in self._checked_l2:
+                known = self._checked_l2[offset]
+                bad = set(range(len(entries))) if known is None else set(known)
+                bad = {i for i in bad if entries[i] > 1}
+            else:
+                bad = self._validate_l2(entries)
+                self._checked_l2[offset] = (
+                    frozenset(bad) if len(bad) <= MAX_REMEMBERED_BAD else None
+                )
             if bad:
                 log.warning("L2 table at %#x has %d invalid entries", offset, len(bad))
                 if not self.read_only:
@@ -566,6 +666,11 @@ class QedImage:
     async def _write_unchecked(self, pos: int, data: Buffer, detect_zeroes: bool | None) -> None:
         detect = self.options.detect_zeroes if detect_zeroes is None else detect_zeroes
         view = memoryview(data).cast("B")
+        if await self.file.size() < self._written_end:
+            # Cut by someone else: a write could re-extend it and hide the loss (finding 7).
+            self._foreign = True
+            self.enter_failsafe("the image file was changed by someone else: it shrank")
+            raise FailsafeError(f"image is in failsafe mode: {self.failsafe_reason}")
         self._last_write_time = trio.current_time()
         while view:
             ext = await self._lookup(pos, len(view))
@@ -668,9 +773,16 @@ class QedImage:
         # Before the file grows: a clear NEED_CHECK on disk then also means "no leaks".
         await self._mark_need_check()
         host = self._allocate(n_clusters)
-        await self._write_data(host, buf)
+        try:
+            await self._write_data(host, buf)
+            self._written_end = max(self._written_end, host + n_clusters * cs)
+            await self._set_entries(run_start, n_clusters, host)
+        except BaseException:
+            # Nothing points at these clusters yet (_set_entries changes state only once it
+            # cannot fail): give them back, so a refused write (ENOSPC) leaves no trace.
+            await self._release_tail(host)
+            raise
         self.stats.allocated_clusters += n_clusters
-        await self._set_entries(run_start, n_clusters, host)
 
     async def _fill(self, pos: int, size: int, old_kind: Kind) -> bytes:
         """Copy-on-write fill: backing data under unallocated clusters, else zeros (not bug E)."""
@@ -679,22 +791,40 @@ class QedImage:
         return bytes(size)
 
     async def _write_data(self, offset: int, data: Buffer) -> None:
-        """Guest data into the image; the next flush's first step makes it durable."""
-        self._data_gen += 1
-        await self.file.pwrite(offset, data)
+        """Guest data into the image; the next flush's first step makes it durable.
+
+        The write is counted once it has completed (or failed, maybe half done): a flush
+        whose sync starts while this pwrite is still running must not count it as synced.
+        """
+        try:
+            await self.file.pwrite(offset, data)
+        finally:
+            self._data_gen += 1
 
     async def _write_header(self, header: fmt.Header) -> None:
         """Write the 64-byte struct (never the bytes after it) and sync it.  The engine adopts
         the header once the write is issued: from then on the file may hold it, even if the
         sync fails, and a later header write must not undo it."""
-        await self.file.pwrite(0, header.pack())
+        await self._meta_pwrite(0, header.pack())
         self.header = header
-        await self.file.fdatasync()
+        await self._datasync()
 
     def _allocate(self, n_clusters: int) -> int:
         offset = self._alloc_end
         self._alloc_end += n_clusters * self.geometry.cluster_size
         return offset
+
+    async def _release_tail(self, offset: int) -> None:
+        """Undo the allocations from ``offset`` on (caller holds the allocation lock, and
+        nothing references them); cut what a failed write left there, so no leak remains."""
+        self._alloc_end = offset
+        self._written_end = min(self._written_end, offset)
+        with trio.CancelScope(shield=True):
+            try:
+                if await self.file.size() > offset:
+                    await self.file.ftruncate(offset)
+            except OSError as exc:  # harmless: the next allocation overwrites the tail
+                log.debug("could not cut the tail of a failed allocation: %s", exc)
 
     async def _set_entries(self, run_start: int, n_clusters: int, host: int | None) -> None:
         """Point guest clusters at ``host, host+cs, …`` (or zero clusters when ``host`` is None).
@@ -706,28 +836,47 @@ class QedImage:
         l1_index = geo.l1_index(run_start)
         table = await self._l2_for(run_start)
         if table is None:
+            # The table's space is taken now, by writing its (empty) bytes: the flush then
+            # only overwrites, so it never needs new space, and a full disk refuses this
+            # write (ENOSPC) instead of a later flush losing the cached state.
             offset = self._allocate(geo.table_size)
-            table = L2Table(offset, array("Q", bytes(geo.table_bytes)), set(), is_new=True)
-            self._add_meta_table(offset)
-            self._validated_l2.add(offset)
-            self._cache.insert(table)
-            self._l1[l1_index] = offset
-            self._l1_dirty_pages.add(l1_index // PAGE_ENTRIES)
-            self.stats.new_l2_tables += 1
+            try:
+                await self.file.pwrite(offset, bytes(geo.table_bytes))
+            except BaseException:
+                await self._release_tail(offset)
+                raise
+            self._written_end = max(self._written_end, offset + geo.table_bytes)
+            with trio.testing.assert_no_checkpoints():
+                # Its zeros are on the file: the flush writes only the pages that change.
+                table = L2Table(offset, array("Q", bytes(geo.table_bytes)), set(), is_new=False)
+                self._checked_l2[offset] = frozenset()
+                self._cache.insert(table)
+                self._l1[l1_index] = offset
+                self._l1_dirty_pages.add(l1_index // PAGE_ENTRIES)
+                self.stats.new_l2_tables += 1
         # No checkpoint from here on: the table object is the cached one until we return.
-        first = geo.l2_index(run_start)
-        for k in range(n_clusters):
-            value = fmt.ZERO_CLUSTER if host is None else host + k * geo.cluster_size
-            table.set_entry(first + k, value)
-        self._metadata_dirty.set()
+        with trio.testing.assert_no_checkpoints():
+            first = geo.l2_index(run_start)
+            for k in range(n_clusters):
+                value = fmt.ZERO_CLUSTER if host is None else host + k * geo.cluster_size
+                table.set_entry(first + k, value)
+            self._metadata_dirty.set()
 
     async def _mark_need_check(self) -> None:
         """Make NEED_CHECK durable before the first metadata change after a clean state."""
         if self._need_check_on_disk:
             return
-        await self._write_header(
-            self.header.replace(features=self.header.features | fmt.Feature.NEED_CHECK)
-        )
+        self._sync_failed = False
+        try:
+            await self._write_header(
+                self.header.replace(features=self.header.features | fmt.Feature.NEED_CHECK)
+            )
+        except OSError as exc:
+            if self._sync_failed:
+                # Data written in place since the last flush may be gone with the failed
+                # sync, and a retry could return 0 without it (see :meth:`_datasync`).
+                await self._enter_failsafe(f"sync failed: {exc}")
+            raise
         self._need_check_on_disk = True
         self.stats.need_check_sets += 1
 
@@ -746,12 +895,28 @@ class QedImage:
                 # Under the lock these are exactly what _flush_locked writes.
                 n_tables, n_pages = self._cache.n_dirty, len(self._l1_dirty_pages)
                 started = time.monotonic()
+                self._sync_failed = self._refused_write = False
                 try:
+                    await self._verify_file("before the flush")
                     await self._flush_locked()
+                except OSError as exc:
+                    self.stats.flush_failures += 1
+                    if self._refused_write and not self._sync_failed:
+                        # A refused metadata pwrite: the flush only overwrites space taken
+                        # earlier, so this is a filesystem that wants space even for that.
+                        # Whatever reached the file is valid (its data was synced first) and
+                        # the cache still holds it all: keep it, and let a later flush retry.
+                        log.warning("flush refused for lack of space: %s (will retry)", exc)
+                        raise
+                    await self._enter_failsafe(f"flush failed: {exc}")
+                    raise
+                except FailsafeError:
+                    raise
                 except Exception as exc:
                     self.stats.flush_failures += 1
                     await self._enter_failsafe(f"flush failed: {exc}")
                     raise
+                await self._verify_file("after the flush", full=False)
                 self._count_flush(time.monotonic() - started, n_tables, n_pages)
 
     def _count_flush(self, seconds: float, n_tables: int, n_pages: int) -> None:
@@ -761,25 +926,81 @@ class QedImage:
         stats.l2_tables_flushed += n_tables
         stats.l1_pages_flushed += n_pages
 
+    def _header_bytes(self) -> bytes:
+        """The packed header we last wrote (packing costs ~20 µs: cached per header)."""
+        if self._packed_header[0] is not self.header:
+            self._packed_header = (self.header, self.header.pack())
+        return self._packed_header[1]
+
+    def _l1_pages_to_verify(self) -> list[int]:
+        """The L1 pages one check compares: those that map something (a zeroed or changed
+        page there loses data), at most :data:`MAX_VERIFY_PAGES` per check, in turns."""
+        used = sorted(self._l1_used_pages - self._l1_unknown_pages)
+        if len(used) <= MAX_VERIFY_PAGES:
+            return used
+        start = self._l1_verify_cursor % len(used)
+        self._l1_verify_cursor = start + MAX_VERIFY_PAGES
+        return sorted((used + used)[start : start + MAX_VERIFY_PAGES])
+
+    async def _l1_changed(self) -> bool:
+        l1 = self.header.l1_table_offset
+        for page in self._l1_pages_to_verify():
+            k = page * PAGE_SIZE
+            expect = self._l1_disk[k : k + PAGE_SIZE]
+            if await self.file.pread(l1 + k, len(expect)) != expect:
+                return True
+        return False
+
+    async def _verify_file(self, when: str, *, full: bool = True) -> None:
+        """Fail (EIO, failsafe) if the file is no longer what this engine wrote (finding 7).
+
+        Cheap checks: the size (fstat) and the header struct (one pread); ``full`` adds the
+        L1 pages that map something (compared with what we wrote) and whether the file is
+        still reachable by its name.
+        """
+        if self._foreign:
+            raise FailsafeError(f"image is in failsafe mode: {self.failsafe_reason}")
+        problem = None
+        size = await self.file.size()
+        if size < self._written_end:
+            problem = f"the file shrank to {size} bytes (it held {self._written_end})"
+        elif await self.file.pread(0, fmt.HEADER_STRUCT_SIZE) != self._header_bytes():
+            problem = "its header was overwritten"
+        elif full:
+            if await self._l1_changed():
+                problem = "its L1 table was overwritten"
+            else:
+                still_named = getattr(self.file, "still_named", None)
+                if still_named is not None and not await still_named():
+                    problem = "it was deleted, renamed away or replaced"
+        if problem is None:
+            return
+        self._foreign = True
+        reason = f"the image file was changed by someone else ({when}): {problem}"
+        await self._enter_failsafe(reason)
+        raise FailsafeError(f"image is in failsafe mode: {reason}")
+
     async def _flush_locked(self) -> None:
         dirty_tables = self._cache.dirty_tables()
         dirty_l1 = sorted(self._l1_dirty_pages)
         if self._data_gen != self._synced_gen or dirty_tables or dirty_l1:
             gen = self._data_gen
-            await self.file.fdatasync()
+            await self._datasync()
             self._synced_gen = gen
         if dirty_tables:
             for table in dirty_tables:
                 await self._write_table(
                     table.offset, table.entries, None if table.is_new else table.dirty_pages
                 )
-            await self.file.fdatasync()
+            await self._datasync()
             for table in dirty_tables:
                 table.is_new = False
                 table.dirty_pages.clear()
         if dirty_l1:
-            await self._write_table(self.header.l1_table_offset, self._l1, set(dirty_l1))
-            await self.file.fdatasync()
+            await self._write_table(
+                self.header.l1_table_offset, self._l1, set(dirty_l1), self._l1_disk
+            )
+            await self._datasync()
             self._l1_dirty_pages.clear()
         if self._need_check_on_disk and not self._unchecked:
             await self._write_header(
@@ -791,10 +1012,38 @@ class QedImage:
             self._metadata_dirty = trio.Event()
         self.stats.flushes += 1
 
-    async def _write_table(self, offset: int, entries: array[int], pages: set[int] | None) -> None:
-        """Write a whole table, or only its dirty pages (merged into runs)."""
+    async def _datasync(self) -> None:
+        """``fdatasync``, remembering a failure: after one, Linux may have dropped the data
+        and its error state (a retry can return 0), so the caller must go failsafe."""
+        try:
+            await self.file.fdatasync()
+        except BaseException:
+            self._sync_failed = True
+            raise
+
+    async def _meta_pwrite(self, offset: int, data: Buffer) -> None:
+        """pwrite of metadata, remembering a refusal for lack of space (see :meth:`flush`)."""
+        try:
+            await self.file.pwrite(offset, data)
+        except OSError as exc:
+            if exc.errno in NO_SPACE_ERRNOS:
+                self._refused_write = True
+            raise
+
+    async def _write_table(
+        self,
+        offset: int,
+        entries: array[int],
+        pages: set[int] | None,
+        disk_copy: bytearray | None = None,
+    ) -> None:
+        """Write a whole table, or only its dirty pages (merged into runs).
+
+        ``disk_copy`` (L1 only) follows what the file holds: written runs are copied in, and a
+        run whose write failed is unknown until written again.
+        """
         if pages is None:
-            await self.file.pwrite(offset, fmt.encode_table(entries))
+            await self._meta_pwrite(offset, fmt.encode_table(entries))
             return
         ordered = sorted(pages)
         k = 0
@@ -804,7 +1053,15 @@ class QedImage:
                 j += 1
             start = ordered[k] * PAGE_ENTRIES
             stop = min(len(entries), (ordered[j] + 1) * PAGE_ENTRIES)
-            await self.file.pwrite(offset + start * 8, fmt.encode_table(entries, start, stop))
+            data = fmt.encode_table(entries, start, stop)
+            run = range(ordered[k], ordered[j] + 1)
+            if disk_copy is not None:
+                self._l1_unknown_pages.update(run)
+            await self._meta_pwrite(offset + start * 8, data)
+            if disk_copy is not None:
+                disk_copy[start * 8 : stop * 8] = data
+                self._l1_used_pages.update(run)
+                self._l1_unknown_pages.difference_update(run)
             k = j + 1
 
     async def _enter_failsafe(self, reason: str) -> None:
@@ -815,8 +1072,7 @@ class QedImage:
         self._cache.clear()
         try:
             raw = await self.file.pread(self.header.l1_table_offset, self.geometry.table_bytes)
-            file_size = await self.file.size()
-            self._install_l1(fmt.decode_table(raw), file_size)
+            self._reinstall_l1(raw)
         except OSError as exc:
             log.error("could not re-read L1 after failure: %s; every range now fails", exc)
             self._l1_bad = set(range(len(self._l1)))
@@ -844,8 +1100,11 @@ class QedImage:
             try:
                 await self.flush()
             except (QedError, OSError) as exc:
-                log.error("background flush failed: %s", exc)
-                return
+                if self.failsafe_reason is not None:
+                    log.error("background flush failed: %s", exc)
+                    return
+                # Refused for lack of space, nothing lost: try again later.
+                await trio.sleep(delay)
 
     # ------------------------------------------------------------------ resize
 
@@ -892,11 +1151,17 @@ class QedImage:
             return
         try:
             if not self.read_only and self.failsafe_reason is None:
-                await self.flush()
-            elif not self.read_only:
+                try:
+                    await self.flush()
+                except BaseException as exc:
+                    # The cached metadata goes with this object: what was not flushed is lost.
+                    self.enter_failsafe(f"close failed: {exc!r}")
+                    raise
+            elif not self.read_only and not self._foreign:
                 await self._leave_need_check_set()
         finally:
             self._closed = True
+            self._used.close()
             try:
                 await self.file.aclose()
             finally:

@@ -192,10 +192,13 @@ def _supports_nowait(fd: int) -> bool:
 class FileImage:
     """A :class:`BlockFile` on a real file descriptor (which it owns)."""
 
-    def __init__(self, fd: int, *, read_only: bool, threaded_io: bool = False) -> None:
+    def __init__(
+        self, fd: int, *, read_only: bool, threaded_io: bool = False, path: str | None = None
+    ) -> None:
         self.fd = fd
         #: A block device has no file size to grow or truncate; its size is its capacity.
         self.is_block_device = is_block_device(fd)
+        self.path = None if path is None else os.path.abspath(path)
         self._read_only = read_only
         self._threaded_io = threaded_io
         self._limiter = trio.CapacityLimiter(16)
@@ -220,7 +223,7 @@ class FileImage:
     ) -> FileImage:
         """Open ``path`` with :func:`open_file` (regular file or block device only)."""
         fd = open_file(path, read_only=read_only, growable=growable)
-        return cls(fd, read_only=read_only, threaded_io=threaded_io)
+        return cls(fd, read_only=read_only, threaded_io=threaded_io, path=os.fspath(path))
 
     @property
     def read_only(self) -> bool:
@@ -375,6 +378,20 @@ class FileImage:
             n = min(end - pos, _ZERO_CHUNK)
             await self.pwrite(pos, memoryview(zeros)[:n])
             pos += n
+
+    async def still_named(self) -> bool:
+        """Whether the file is still reachable by the path it was opened with (not deleted,
+        renamed away or replaced); without a known path, whether it still has a name."""
+        st = os.fstat(self.fd)
+        if st.st_nlink == 0:
+            return False
+        if self.path is None:
+            return True
+        try:
+            named = os.stat(self.path)
+        except OSError:
+            return False
+        return (named.st_dev, named.st_ino) == (st.st_dev, st.st_ino)
 
     async def aclose(self) -> None:
         if self.fd >= 0:

@@ -305,6 +305,22 @@ class Model:
         self.base = base
         self.base_limit = min(base_limit, size) if base is not None else 0
         self.pages: dict[int, bytearray] = {}
+        self.unknown_sectors: set[int] = set()  # a failed write: old or new bytes
+
+    def unknown(self, pos: int, size: int) -> None:
+        """A write of ``[pos, pos+size)`` failed: each sector may hold old or new bytes."""
+        self.unknown_sectors.update(range(pos // 512, (pos + size + 511) // 512))
+
+    async def verify(self, img: QedImage) -> None:
+        """Every sector of every touched page reads as modelled (unknown sectors skipped)."""
+        for index in sorted(self.pages):
+            pos = index * PAGE
+            n = min(PAGE, self.size - pos)
+            got = await img.read(pos, n)
+            want = self.read(pos, n)
+            for k in range(0, n, 512):
+                if (pos + k) // 512 not in self.unknown_sectors:
+                    assert got[k : k + 512] == want[k : k + 512], f"guest sector {(pos + k) // 512}"
 
     def _base(self, pos: int, size: int) -> bytes:
         inside = max(0, min(size, self.base_limit - pos))
@@ -320,6 +336,11 @@ class Model:
     def write(self, pos: int, data: Buffer) -> None:
         assert pos >= 0
         assert pos + len(data) <= self.size
+        if self.unknown_sectors:
+            first, last = pos // 512, (pos + len(data)) // 512  # whole sectors written
+            if pos % 512:
+                first += 1
+            self.unknown_sectors.difference_update(range(first, last))
         view = memoryview(bytes(data))
         while view:
             index, off = divmod(pos, PAGE)

@@ -403,6 +403,7 @@ def corpus() -> list[HostileImage]:
             HostileImage(f"{name}+need-check", with_need_check(bytes(buf)), len(buf), "serve")
         )
     out.extend(_big_cluster_fans())
+    out.extend(_growth_and_fan_cases())
     for item in list(out):
         prefixes = ("116-", "l1-offset", "field-features", "image-size")
         if item.name.startswith(prefixes) and "+need-check" not in item.name:
@@ -437,6 +438,57 @@ def _big_cluster_fans() -> list[HostileImage]:
         name = f"big-dup-fan-{cs // MiB}MiBx{n_refs}x{n_tables}"
         out.append(HostileImage(name, bytes(head), data + cs, "serve"))
         out.append(HostileImage(f"{name}+need-check", with_need_check(bytes(head)), data + cs))
+    return out
+
+
+def _growth_and_fan_cases() -> list[HostileImage]:
+    """Issue 11, finding 1: entries at or just past the open-time end (valid-looking once the
+    session has grown the file over them), and duplicate fans (two guest clusters, one host
+    cluster, within and across tables)."""
+    out: list[HostileImage] = []
+    base, lay = base_image(image_size=16 * MiB)
+    cs = lay.cs
+    n = len(base)
+    cov = fmt.Geometry(cs, lay.ts).l2_coverage
+    t2 = struct.unpack_from("<Q", base, lay.l1_offset + 8)[0]
+    for k in (0, 1, 2, 3, 5):
+        buf = bytearray(base)
+        set_entry(buf, t2, 1, n + k * cs)
+        set_entry(buf, t2, 4, n + (k + 8) * cs)
+        bad = ((cov + cs, cov + 2 * cs), (cov + 4 * cs, cov + 5 * cs))
+        out.append(HostileImage(f"l2-entry-at-open-end+{k}", bytes(buf), n, "serve", bad))
+        buf = bytearray(base)
+        set_entry(buf, lay.l1_offset, 2, n + k * cs)
+        out.append(
+            HostileImage(f"l1-entry-at-open-end+{k}", bytes(buf), n, "serve", ((2 * cov, 3 * cov),))
+        )
+    buf = bytearray(base)
+    for index in range(3, 9):  # index 0 maps it first: the fan's other members are bad
+        set_entry(buf, lay.l2_offset, index, lay.data_offsets[0])
+    out.append(HostileImage("dup-fan-within", bytes(buf), n, "serve", ((3 * cs, 9 * cs),)))
+    buf = bytearray(base)
+    for index in range(2, 6):  # which table maps it first depends on the load order
+        set_entry(buf, t2, index, lay.data_offsets[1])
+    out.append(HostileImage("dup-fan-across", bytes(buf), n, "serve"))
+    buf = bytearray(base)
+    set_entry(buf, t2, 3, lay.l2_offset + cs)  # an L2 table's second cluster as data
+    out.append(
+        HostileImage("table-tail-as-data", bytes(buf), n, "serve", ((cov + 3 * cs, cov + 4 * cs),))
+    )
+    return out
+
+
+def served_aliases(img: engine.QedImage) -> list[str]:
+    """Host clusters the engine would serve for two guest clusters (its cached tables)."""
+    seen: dict[int, tuple[int, int]] = {}
+    out: list[str] = []
+    for table in img.cache._tables.values():
+        for index, entry in enumerate(table.entries):
+            if entry > 1 and index not in table.bad:
+                if entry in seen:
+                    where = f"L2@{table.offset:#x}[{index}]"
+                    out.append(f"host {entry:#x} served for {where} and {seen[entry]}")
+                seen[entry] = (table.offset, index)
     return out
 
 
@@ -614,6 +666,7 @@ async def exercise(
                 and not img.failsafe
             ):
                 p.append(f"write {pos}+{size} through a bad entry did not fail")
+        p.extend(served_aliases(img))
         await _step(outcome, "flush", img.flush(), allowed)
         await _step(outcome, "allocated_bytes", img.allocated_bytes(), allowed)
         await _step(outcome, "close", img.close(), allowed)
@@ -699,6 +752,8 @@ def _entry_vector(rng: random.Random, data: bytes, header: fmt.Header) -> int:
             n,
             n - cs,
             n + cs,
+            n + rng.randrange(1, 8) * cs,  # reached by the session's own growth
+            header.l1_table_offset + header.table_size * cs,  # often the first table/data
             cs,
             rng.randrange(0, max(1, n)) // cs * cs,
             rng.randrange(0, max(1, n)),

@@ -131,7 +131,7 @@ def assert_no_violations(figures: cs.Figures) -> None:
 
 
 async def test_a7_exact_write_order_of_one_allocating_write_and_flush() -> None:
-    """NEED_CHECK set+F first; then data ≺ F ≺ L2 ≺ F ≺ L1 ≺ F ≺ header ≺ F, exactly."""
+    """NEED_CHECK set+F first; then data, L2 space ≺ F ≺ L2 ≺ F ≺ L1 ≺ F ≺ header ≺ F."""
     mem = MemoryImage()
     header = await engine.create_image(mem, IMAGE_SIZE, cluster_size=CL, table_size=2)
     rec = cs.RecordingBackend(mem)
@@ -154,8 +154,9 @@ async def test_a7_exact_write_order_of_one_allocating_write_and_flush() -> None:
         ("W", 0, dirty),  # NEED_CHECK set ...
         ("F",),  # ... and durable before the file grows or any metadata is written
         ("W", data_offset, bytes(cluster)),  # data (with zero fill) at the allocator end
-        ("F",),  # flush step 1: data
-        ("W", l2_offset, bytes(l2)),  # step 2: the new L2 table, whole
+        ("W", l2_offset, bytes(2 * CL)),  # the new L2 table's space, taken at creation
+        ("F",),  # flush step 1: data (and the table's zeros)
+        ("W", l2_offset, bytes(l2[:4096])),  # step 2: the new table's dirty 4 KiB page
         ("F",),
         ("W", l1, bytes(l1_page)),  # step 3: the dirty 4 KiB page of L1
         ("F",),
@@ -818,8 +819,10 @@ def install_mutant(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
 
 #: mutant -> the violation kinds that reveal it
 MUTANTS = {
-    # (i) L1 can reach the disk before the new L2 table it points to
-    "no_l2_barrier": {"ordering"},
+    # (i) L1 (or the NEED_CHECK clear) can reach the disk before the L2 page it vouches for.
+    # A new table's zeros are durable with the data (its space is taken at creation), so
+    # L1 overtaking it shows an empty table; the header clear overtaking a page does not.
+    "no_l2_barrier": {"ordering", "clean_corrupt"},
     # (ii) a garbage-torn table write with NEED_CHECK clear goes unrepaired
     "no_need_check": {"clean_corrupt"},
     # (iii) NEED_CHECK clear can be durable before the L1 update it vouches for

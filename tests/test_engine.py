@@ -360,8 +360,9 @@ async def test_unaligned_image_size_allocates_last_cluster_whole() -> None:
     img = await new_image(size, cs=cs)
     start = len(raw(img))
     await img.write(size - 512, b"\x99" * 512)
-    # data cluster + new L2 table (ts=2): the whole last cluster was allocated
-    assert len(raw(img)) == start + cs
+    # data cluster + new L2 table (ts=2): the whole last cluster was allocated, and the
+    # table's space is taken when it is created (issue 11, finding 8), not at flush time
+    assert len(raw(img)) == start + 3 * cs
     assert img.allocator_end == start + cs + 2 * cs
     cluster = bytes(raw(img)[start : start + cs])
     assert cluster == bytes(1024) + b"\x99" * 512 + bytes(cs - 1536)
@@ -468,7 +469,8 @@ async def test_ordered_flush_exact_sequence() -> None:
     rec.take()
     await img.write(0, b"\x5a" * cs)
     data_offset, l2_offset, l1_offset = 3 * cs, 4 * cs, cs
-    assert rec.log == [("W", 0, 64), ("F",), ("W", data_offset, cs)]
+    # the new L2 table's space is taken (its zeros written) when it is created
+    assert rec.log == [("W", 0, 64), ("F",), ("W", data_offset, cs), ("W", l2_offset, ts * cs)]
     header_set = rec.writes[0][1]
     assert fmt.Header.unpack(header_set).need_check
     await img.flush()
@@ -476,8 +478,9 @@ async def test_ordered_flush_exact_sequence() -> None:
         ("W", 0, 64),  # NEED_CHECK set …
         ("F",),  # … and durable before any metadata change
         ("W", data_offset, cs),  # the data
-        ("F",),  # data durable
-        ("W", l2_offset, ts * cs),  # the new L2 table, whole
+        ("W", l2_offset, ts * cs),  # the new L2 table's space (zeros)
+        ("F",),  # data and the table's zeros durable
+        ("W", l2_offset, 4096),  # the new L2 table's dirty page
         ("F",),
         ("W", l1_offset, 4096),  # the dirty 4 KiB page of L1
         ("F",),

@@ -533,8 +533,9 @@ async def test_failed_l2_write_shows_no_phantom_data() -> None:
     """QEMU's l2_update case (reliability.md §2.1): the read after the failure is old data."""
     mem = MemoryImage()
     await engine.create_image(mem, SIZE, cluster_size=CL, table_size=2)
-    # pwrite #1 sets NEED_CHECK, #2 is the data, #3 the new L2 table (in the flush)
-    faulty = cs.FaultyBackend(mem, "pwrite", 3, lambda: OSError(errno.EIO, "injected"))
+    # pwrite #1 sets NEED_CHECK, #2 is the data, #3 takes the new L2 table's space (zeros),
+    # #4 writes its entries (in the flush)
+    faulty = cs.FaultyBackend(mem, "pwrite", 4, lambda: OSError(errno.EIO, "injected"))
     img = await engine.open_image(faulty)
     await img.write(64 * 1024, b"\x33" * CL)
     with pytest.raises(OSError, match="injected"):
