@@ -1253,6 +1253,11 @@ async def create_image(
 ) -> fmt.Header:
     """Write a new, empty image on ``file`` (truncated first), laid out as QEMU does."""
     geometry = fmt.check_create_params(image_size, cluster_size, table_size)
+    if len(backing_name) > fmt.MAX_BACKING_NAME_SIZE:
+        raise FormatError(
+            f"backing file name of {len(backing_name)} bytes is too long (QEMU and qedfuse "
+            f"read at most {fmt.MAX_BACKING_NAME_SIZE})"
+        )
     if fmt.HEADER_STRUCT_SIZE + len(backing_name) > cluster_size:
         raise FormatError(
             f"backing file name of {len(backing_name)} bytes does not fit in the header cluster"
@@ -1264,6 +1269,11 @@ async def create_image(
         backing_name=backing_name,
         backing_raw=backing_raw,
     )
+    # Never write a header our own open (QEMU's checks) would refuse.
+    try:
+        fmt.validate_header(header, header.l1_table_offset + geometry.table_bytes)
+    except FormatError as exc:
+        raise FormatError(f"the new image would not open: {exc}") from exc
     await file.ftruncate(0)
     await file.pwrite(0, header.pack() + backing_name)
     await file.pwrite(header.l1_table_offset, bytes(geometry.table_bytes))

@@ -65,6 +65,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from qedfuse import format as fmt
 from qedfuse.errors import QedError
 from qedfuse.options import MountOptions, OptionError, parse_options
 
@@ -78,6 +79,7 @@ log = logging.getLogger(__name__)
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # as every command on Ctrl-C (cli.py)
 #: How long ``umount --wait`` waits for the daemon by default (a large flush takes a while).
 DEFAULT_UMOUNT_TIMEOUT = 120.0
 _FSTYPE = "fuse.qedfuse"
@@ -620,11 +622,13 @@ def _fork_and_wait(cfg: MountConfig) -> int:
             os._exit(code)
     os.close(write_fd)
     chunks: list[bytes] = []
+    interrupted = False
     with os.fdopen(read_fd, "rb") as pipe:
         while True:
             try:
                 chunk = pipe.read(4096)
             except KeyboardInterrupt:  # Ctrl-C reaches only us: the daemon has its own session
+                interrupted = True
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGTERM)
                 continue
@@ -632,6 +636,13 @@ def _fork_and_wait(cfg: MountConfig) -> int:
                 break
             chunks.append(chunk)
     message = b"".join(chunks).decode("utf-8", "replace").strip()
+    if interrupted:
+        # Our Ctrl-C stopped the start-up: the daemon got SIGTERM from us and unmounts (if it
+        # got that far), flushes and exits; wait for that, so nothing is left behind.
+        os.waitpid(pid, 0)
+        _detach_leftover(cfg.mountpoint)
+        print("qedfuse: interrupted (nothing is mounted)", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if message == "ok" or message.startswith("ok "):
         where = message[3:].strip()
         if where:
@@ -1011,12 +1022,17 @@ def overlay_backing_name(new_path: str, base_path: str) -> str:
     name = os.path.relpath(base_path, os.path.dirname(new_path))
     if ":" in name.split("/", 1)[0]:
         name = "./" + name  # a relative name must never look like a protocol prefix
+    if len(os.fsencode(name)) > fmt.MAX_BACKING_NAME_SIZE:
+        # Too long to store (QEMU reads at most 4095 bytes): the absolute path may be shorter;
+        # if it is not either, creating the overlay refuses it with a one-line error.
+        absolute = os.path.abspath(base_path)
+        if len(os.fsencode(absolute)) < len(os.fsencode(name)):
+            return absolute
     return name
 
 
 async def _create_overlay(new_path: str, base_path: str) -> None:
     """Create ``new_path`` (must not exist) as an empty QED overlay of ``base_path``."""
-    from qedfuse import format as fmt
     from qedfuse.engine import create_image, read_header
     from qedfuse.imagefile import FileImage
 

@@ -781,7 +781,7 @@ async def convert(
         # Ctrl-C lands, a temporary file is removed and a file we created is deleted.
         temp_path: str | None = None
         temp_fd = -1
-        renamed = device = False
+        renamed = device = in_place = False
         out: FileImage | None = None
         try:
             st = os.fstat(fd)
@@ -795,12 +795,31 @@ async def convert(
                     f"{size}; a block device cannot grow"
                 )
             final = dst
+            in_place = device
             if not created and not device:
                 # Write beside it and rename at the end: an interrupted run keeps the old file.
                 temp_path, final = _temp_name(dst)
-                temp_fd = _create_temp(dst, temp_path, st)
+                try:
+                    temp_fd = _create_temp(dst, temp_path, st)
+                except CliError as exc:
+                    cause = exc.__cause__
+                    if not (
+                        dst_format == "raw"
+                        and isinstance(cause, OSError)
+                        and cause.errno in (errno.EPERM, errno.EACCES)
+                    ):
+                        raise
+                    # A directory that takes no new files (a mounted qedfuse disk.raw, a
+                    # fixed set of files): write the raw disk in place, as onto a device.
+                    temp_path = None
+                    in_place = True
+                    if st.st_size < size:
+                        raise CliError(
+                            f"{dst}: holds {st.st_size} bytes but the image needs {size}, and "
+                            "it cannot be replaced (its directory takes no new files)"
+                        ) from exc
             out = FileImage(fd if temp_path is None else temp_fd, read_only=False)
-            if device:
+            if in_place:
                 written = await _convert_to_device(source, out, progress)
             elif dst_format == "raw":
                 written = await _convert_to_raw(source, out, progress)
@@ -817,7 +836,7 @@ async def convert(
             elif created:
                 _unlink_quietly(dst)
             if isinstance(exc, OSError):
-                partly = " (the device now holds part of the image)" if device else ""
+                partly = " (the target now holds part of the image)" if in_place else ""
                 raise CliError(
                     f"{dst}: error while writing: {exc.strerror or exc}{partly}"
                 ) from exc
