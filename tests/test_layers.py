@@ -12,6 +12,7 @@ paid, delete the entry.
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -295,3 +296,37 @@ def test_no_new_import_cycle() -> None:
             f"{importer} -> {imported} no longer closes a cycle; delete it from KNOWN_CYCLE_EDGES"
         )
         graph[importer].discard(imported)
+
+
+REPO = PACKAGE_DIR.parent
+DIFFERENCES = REPO / "docs" / "qemu-differences.md"
+
+
+def _anchors(markdown: str) -> set[str]:
+    return set(re.findall(r'<a id="([a-z0-9-]+)"></a>', markdown))
+
+
+def _cited_sources() -> list[Path]:
+    return sorted(
+        p for d in ("qedfuse", "tests", "bench") for p in (REPO / d).glob("*.py") if p.is_file()
+    )
+
+
+def test_qemu_difference_citations_resolve() -> None:
+    """Every ``docs/qemu-differences.md#<name>`` in the code names an anchor of that page, and
+    no comment cites a QEMU bug by its bare letter (the letters are defined only there)."""
+    anchors = _anchors(DIFFERENCES.read_text())
+    assert {f"bug-{c}" for c in "abcdefghijk"} <= anchors
+    missing, bare = [], []
+    for path in _cited_sources():
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            where = f"{path.relative_to(REPO)}:{number}"
+            for name in re.findall(r"qemu-differences\.md#([a-z0-9-]+)", line):
+                if name not in anchors:
+                    missing.append(f"{where}: #{name}")
+            if re.search(r"\bbugs? [A-K]\b", line) and "qemu-differences.md" not in line:
+                bare.append(f"{where}: {line.strip()}")
+    assert not missing, "cited anchors missing from docs/qemu-differences.md:\n" + "\n".join(
+        missing
+    )
+    assert not bare, "QEMU bug letters cited without docs/qemu-differences.md:\n" + "\n".join(bare)
