@@ -9,8 +9,9 @@ Layout of the virtual disk (all targets):
   replayed fio iolog: fio's ``blockalign`` disables its random map, so it could repeat);
 * then ``verify_size`` bytes for the crc32c write/read-back job.
 
-Everything stays far enough below 4 GiB of *host file* that QEMU bug A (spurious leaks on
-files > 4 GiB with 64 KiB clusters) cannot show up in ``qemu-img check``.
+Everything stays far enough below 4 GiB of *host file* that QEMU's cluster-count bug
+(docs/qemu-differences.md#bug-a: spurious leaks on files > 4 GiB with 64 KiB clusters) cannot
+show up in ``qemu-img check``.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 QED image (target: qedfuse < 100 MiB).  qemu-storage-daemon gets the same run for scale.
 
 The image file ends up > 4 GiB, so ``qemu-img check`` may report rc 3 with one spurious leaked
-cluster (QEMU 7.2 bug A: its cluster count for files > 4 GiB rounds wrongly); the report says
-so next to the figure.
+cluster (QEMU 7.2's cluster count for files > 4 GiB rounds wrongly:
+docs/qemu-differences.md#bug-a); the report says so next to the figure.
 """
 
 from __future__ import annotations
@@ -123,7 +123,8 @@ def run_one(
         check = qemu_img_check(image)
         result["check_rc"] = check.rc
         result["check_output"] = check.output
-        # qemu-img's count is off for files > 4 GiB (bug A); qedfuse's checker is not.
+        # qemu-img's count is off for files > 4 GiB (docs/qemu-differences.md#bug-a);
+        # qedfuse's checker is not.
         own = subprocess.run(
             [*targets_mod.QEDFUSE_CMD, "check", str(image)],
             capture_output=True,
@@ -137,12 +138,13 @@ def run_one(
         result["bug_a_expected_leaks"] = n_clusters // (CLUSTER_SIZE - 1)
         m = re.search(r"(\d+) leaked clusters", check.output)
         result["qemu_leaks"] = int(m.group(1)) if m else 0
-        # rc 3 means "only leaks"; bug A explains exactly floor(n_clusters / (cs - 1)) of them.
+        # rc 3 means "only leaks"; docs/qemu-differences.md#bug-a explains exactly
+        # floor(n_clusters / (cs - 1)) of them.
         spurious_only = check.rc == 3 and result["qemu_leaks"] == result["bug_a_expected_leaks"]
         if (check.rc != 0 and not spurious_only) or own.returncode != 0:
             result["error"] = (
                 f"image not clean: qemu-img check rc {check.rc} ({result['qemu_leaks']} leaks, "
-                f"{result['bug_a_expected_leaks']} expected from bug A), "
+                f"{result['bug_a_expected_leaks']} expected from docs/qemu-differences.md#bug-a), "
                 f"qedfuse check rc {own.returncode}"
             )
         result["daemon_rc"] = s.daemon_rc

@@ -379,7 +379,8 @@ def _memory(L: list[str], results: dict[str, Any]) -> None:
     if bug_a:
         L.append(
             "qemu-img check rc 3 is expected here: the image file is > 4 GiB, and QEMU 7.2 "
-            "divides by (cluster size - 1) when it counts clusters (qed-format.md §8.3 bug A), "
+            "divides by (cluster size - 1) when it counts clusters "
+            "(docs/qemu-differences.md#bug-a), "
             "so it reports floor(n_clusters / 65535) spurious leaks. The number reported "
             "matches that exactly, no corruption is reported, and qedfuse's own checker "
             "(correct arithmetic) returns 0."

@@ -37,10 +37,11 @@ report's counts are those of the final check, with the ``*_fixed`` counts and th
 of the walk that repaired.  Only 4 KiB pages of a table holding a changed entry are written
 back, so zeroing entries allocates no space in a sparse table; walks skip all-zero pages.
 
-Deliberate differences from QEMU (each is a QEMU bug or limitation):
+Deliberate differences from QEMU (each is a QEMU bug or limitation; docs/qemu-differences.md
+names them under "Check and repair"):
 
 * cluster indices are exact: no spurious leaks on files larger than ``(cs-1)*cs`` bytes
-  (QEMU bug A);
+  (docs/qemu-differences.md#bug-a);
 * every table is marked before any data cluster, so an L2 entry pointing into an L2 table
   (or the L1 table) is the corruption and is zeroed; QEMU blames whichever it meets second,
   may then skip a valid L2 table, and cannot repair the entry;

@@ -363,7 +363,8 @@ class QedImage:
         self._synced_gen = 0  # value of _data_gen covered by the last completed data sync
         self._need_check_on_disk = header.need_check
         # Opened with NEED_CHECK still set (repair disabled, or corruption the repair left):
-        # the image was never found consistent, so no flush may clear the bit (QEMU bug J).
+        # the image was never found consistent, so no flush may clear the bit
+        # (docs/qemu-differences.md#bug-j).
         self._unchecked = header.need_check
         self._metadata_dirty = trio.Event()
         self._last_write_time = 0.0
@@ -785,7 +786,9 @@ class QedImage:
         self.stats.allocated_clusters += n_clusters
 
     async def _fill(self, pos: int, size: int, old_kind: Kind) -> bytes:
-        """Copy-on-write fill: backing data under unallocated clusters, else zeros (not bug E)."""
+        """Copy-on-write fill: backing data under unallocated clusters, else zeros.
+
+        Zeros under a zero cluster, unlike QEMU: docs/qemu-differences.md#bug-e."""
         if old_kind is Kind.UNALLOCATED and self.backing is not None:
             return await self.backing.read_padded(pos, size)
         return bytes(size)
@@ -1327,7 +1330,8 @@ async def open_image(
         options=options,
     )
     if unrepaired:
-        # Not QEMU bug J: keep NEED_CHECK set (no flush will clear it) and refuse writes.
+        # Unlike QEMU (docs/qemu-differences.md#bug-j): keep NEED_CHECK set (no flush will clear
+        # it) and refuse writes.
         image.enter_failsafe(f"{unrepaired} corruptions remain after the open-time repair")
     return image
 

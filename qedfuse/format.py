@@ -20,8 +20,9 @@ Naming: ``*_pos`` is a guest byte position, ``*_offset`` a host file byte offset
 
 Validation follows QEMU 7.2's open checks, order and messages, except where QEMU is wrong:
 sizes are exact integers (no 64-bit wrap), ``table_size == 1`` is accepted, and tables may
-not overlap the header.  qedfuse also refuses tables larger than :data:`MAX_TABLE_SIZE`
-(every image QEMU can open with a non-zero size has tables of at most 16 MiB).
+not overlap the header (docs/qemu-differences.md#bug-d, #bug-c, #table-overlaps-header).
+qedfuse also refuses tables larger than :data:`MAX_TABLE_SIZE` (every image QEMU can open
+with a non-zero size has tables of at most 16 MiB; docs/qemu-differences.md#table-size-limit).
 """
 
 from __future__ import annotations
@@ -180,7 +181,10 @@ class Geometry:
         return pos & ~(self.cluster_size - 1)
 
     def clusters_for(self, size: int) -> int:
-        """Clusters needed to hold ``size`` bytes (the correct formula; QEMU bug A/B)."""
+        """Clusters needed to hold ``size`` bytes, exactly.
+
+        QEMU's count is wrong from cs - 1 clusters on: docs/qemu-differences.md#bug-a, #bug-b.
+        """
         return -(-size // self.cluster_size)
 
     def round_down(self, size: int) -> int:

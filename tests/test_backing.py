@@ -189,7 +189,10 @@ async def test_zero_detection_off_allocates(tmp_path: Path) -> None:
 async def test_partial_write_into_zero_cluster_over_backing_fills_zeros_qemu_bug_e(
     tmp_path: Path,
 ) -> None:
-    """QEMU bug E: QEMU copies backing data into a written zero cluster; the spec says zeros."""
+    """QEMU copies backing data into a written zero cluster; the spec says zeros.
+
+    docs/qemu-differences.md#bug-e
+    """
     base = tmp_path / "base.raw"
     ours = tmp_path / "ours.qed"
     theirs = tmp_path / "theirs.qed"

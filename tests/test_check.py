@@ -326,7 +326,10 @@ async def test_entry_into_header_with_bigger_header() -> None:
 
 
 async def test_second_entry_of_contiguous_run_is_checked() -> None:
-    """QEMU's read path validates only a run's first entry (bug G); the checker checks all."""
+    """QEMU's read path validates only a run's first entry; the checker checks all.
+
+    docs/qemu-differences.md#bug-g
+    """
     memory = await small_image()
     # L2 table 1: [0x7000, 0xD000, ...]; 0xD000 is the last cluster, so 0xE000 continues the
     # run physically and is exactly EOF.
@@ -1031,7 +1034,10 @@ async def test_random_corruptions_match_qemu(
 
 @pytest.mark.qemu
 async def test_no_spurious_leak_qemu_bug_a(tmp_path: Path) -> None:
-    """qemu-img counts clusters with a /(cs-1) (bug A): a >16 MiB cs=4096 file 'leaks'."""
+    """qemu-img counts clusters with a /(cs-1): a >16 MiB cs=4096 file 'leaks'.
+
+    docs/qemu-differences.md#bug-a
+    """
     path = tmp_path / "big.qed"
     make_qemu_image(path, "64M", ["write -P 0x5c 0 20M"], "cluster_size=4096")
     assert qededit.file_size(path) > 4095 * 4096

@@ -457,7 +457,7 @@ def test_info_matches_qemu_img_info(
 
 
 def test_info_shows_the_dirty_flag_on_disk(qm: InProcess, tmp_path: Path, qemu_img: str) -> None:
-    """NEED_CHECK as it is on disk (qemu-img 7.2 shows false here: its bug H)."""
+    """NEED_CHECK as it is on disk (qemu-img 7.2 shows false: docs/qemu-differences.md#bug-h)."""
     image = tmp_path / "a.qed"
     check_ok(run([qemu_img, "create", "-f", "qed", str(image), "8M"]))
     qededit.set_need_check(image, True)

@@ -1,8 +1,9 @@
 """Tests for the cluster-mapping engine (qedfuse.engine) on in-memory images.
 
 Reads/writes of every shape, copy-on-write and zero fill, zero detection, the physical layout
-QEMU produces, QEMU bugs B and E, the ordered flush's exact I/O sequence, hostile tables,
-failsafe after a failed flush, the L2 cache bound, feature bits and repair on open.
+QEMU produces, QEMU bugs B and E (docs/qemu-differences.md#bug-b, #bug-e), the ordered flush's
+exact I/O sequence, hostile tables, failsafe after a failed flush, the L2 cache bound, feature
+bits and repair on open.
 """
 
 from __future__ import annotations
@@ -973,7 +974,7 @@ async def test_read_write_open_of_need_check_image_repairs() -> None:
 
 async def test_unrepaired_need_check_is_never_cleared_qemu_bug_j() -> None:
     # Opened read-write with NEED_CHECK set and no repair: the image was never checked, so
-    # no flush may mark it clean (QEMU bug J: close clears it unconditionally).
+    # no flush may mark it clean (docs/qemu-differences.md#bug-j: QEMU's close clears it).
     data, layout = await _two_table_image()
     data[FEATURES_OFFSET] |= NEED_CHECK
     poke_u64(data, layout["l2b"] + 5 * 8, 0x7770000)  # guest 4 MiB + 5 clusters: past EOF

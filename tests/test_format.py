@@ -260,13 +260,14 @@ def test_validate_header_accepts(changes: dict[str, int]) -> None:
 
 
 def test_l1_at_offset_zero_with_header_size_zero_is_refused() -> None:
-    # QEMU accepts it (§8.4) although the table overlaps the header; qedfuse refuses.
+    # QEMU accepts it although the table overlaps the header; qedfuse refuses.
+    # docs/qemu-differences.md#table-overlaps-header
     header = default_header(header_size=0, l1_table_offset=0)
     assert message_of(header) == "QED table offset is invalid"
 
 
 def test_table_size_one_accepted_unlike_qemu() -> None:
-    # QEMU bug C: every ts=1 image fails with "QED table offset is invalid".
+    # docs/qemu-differences.md#bug-c: every ts=1 image fails with "QED table offset is invalid".
     header = fmt.new_header(1 * GiB, cluster_size=4096, table_size=1)
     geometry = fmt.validate_header(header, 2 * 4096)
     assert geometry.table_entries == 512
@@ -386,7 +387,8 @@ def test_cluster_and_table_offset_tests() -> None:
     assert not geo.is_table_offset(9 * 4096, file_size)  # second cluster past EOF
     assert not geo.is_table_offset(1, file_size)
     one = fmt.Geometry(4096, 1, 1)
-    assert one.is_table_offset(9 * 4096, file_size)  # ts=1: end == off is fine (bug C)
+    # ts=1: end == off is fine (docs/qemu-differences.md#bug-c)
+    assert one.is_table_offset(9 * 4096, file_size)
     # header_size 0: the struct still owns cluster 0.
     assert fmt.Geometry(4096, 1, 0).header_end_offset == 4096
     assert fmt.Geometry(4096, 1, 3).header_end_offset == 3 * 4096
@@ -493,7 +495,8 @@ def test_create_params_refuse_the_issue_11_geometries() -> None:
 def test_create_geometry_matrix_against_qemu_img(cs: int, tmp_path: Path, qemu_img: str) -> None:
     """Every table_size 1..16 x a few sizes: what we create, QEMU 7.2 opens with that size;
     what we refuse, qemu-img refuses to create or cannot open (or our 16 MiB table cap);
-    the one warned case (table_size=1, QEMU bug C) is the only image QEMU cannot open."""
+    the one warned case (table_size=1, docs/qemu-differences.md#bug-c) is the only image QEMU
+    cannot open."""
     import trio
 
     from qedfuse import tools
@@ -524,9 +527,9 @@ def test_create_geometry_matrix_against_qemu_img(cs: int, tmp_path: Path, qemu_i
             made = run([qemu_img, "create", "-q", "-f", "qed", "-o", opts, theirs, str(size)])
             if refused is None:
                 info = run([qemu_img, "info", "-f", "qed", "--output=json", ours])
-                if ts == 1:  # we warn: QEMU cannot open table_size=1 (bug C)
+                if ts == 1:  # we warn: docs/qemu-differences.md#bug-c
                     if info.returncode == 0 or "QED table offset is invalid" not in info.stderr:
-                        problems.append(f"{what}: expected QEMU's bug C\n{describe(info)}")
+                        problems.append(f"{what}: expected QEMU's bug-c\n{describe(info)}")
                 elif info.returncode != 0:
                     problems.append(f"{what}: we created it, QEMU cannot open it\n{describe(info)}")
                 elif json.loads(info.stdout)["virtual-size"] != size:

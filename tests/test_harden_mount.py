@@ -161,7 +161,8 @@ def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
         (65536, 2, 192 * KiB + 512, "random"),
         (4096, 2, 64 * KiB, "random"),
         (1 << 20, 2, 3 * MiB, "sequential"),
-    ],  # table_size 1 would do too, but qemu-img (the oracle) cannot open it (QEMU bug)
+    ],  # table_size 1 would do too, but qemu-img (the oracle) cannot open it:
+    # docs/qemu-differences.md#bug-c
 )
 def test_full_tmpfs_refuses_writes_keeps_the_view_and_recovers(
     tmp_path: Path, cs: int, ts: int, chunk: int, order: str
@@ -215,7 +216,7 @@ def test_full_tmpfs_refuses_writes_keeps_the_view_and_recovers(
         check_ok(qedfuse("check", image))
         cp = run([qemu_img, "check", image])
         if cp.returncode != 0:
-            # QEMU bug A (qed-format.md): its checker skips one cluster index every cs-1
+            # docs/qemu-differences.md#bug-a: QEMU's checker skips one cluster index every cs-1
             # clusters, so a consistent file past (cs-1)*cs bytes shows that many "leaks".
             spurious = (os.path.getsize(image) // cs) // (cs - 1)
             assert spurious, describe(cp)

@@ -7,9 +7,11 @@
 * Images written by qedfuse (``create`` + engine writes, ``convert`` from raw, a flattened
   chain) pass ``qemu-img check`` with no errors and no leaks, and ``qemu-img compare`` finds
   them identical to the expected raw bytes.  Files stay below ``(cs-1)*cs`` bytes: beyond
-  that ``qemu-img check`` reports spurious leaks (QEMU bug A), which says nothing about us.
+  that ``qemu-img check`` reports spurious leaks (docs/qemu-differences.md#bug-a), which says
+  nothing about us.
 * ``qedfuse create`` output is byte for byte what ``qemu-img create`` writes, for several
-  geometries; table_size=1 is the exception QEMU cannot open (its bug C) and qedfuse can.
+  geometries; table_size=1 is the exception QEMU cannot open (docs/qemu-differences.md#bug-c)
+  and qedfuse can.
 """
 
 from __future__ import annotations
@@ -252,7 +254,8 @@ async def test_engine_written_image_passes_qemu_check(
         for pos, length in zeroes:
             await img.write_zeroes(pos, length)
             writes.append((pos, bytes(length)))
-    assert image.stat().st_size < (cluster_size - 1) * cluster_size  # below QEMU bug A
+    # Below the size where QEMU's check reports spurious leaks: docs/qemu-differences.md#bug-a.
+    assert image.stat().st_size < (cluster_size - 1) * cluster_size
     expected = tmp_path / "expected.raw"
     _expected_raw(expected, size, writes)
     cp = check_ok(run([qemu_img, "check", str(image)]))
@@ -374,7 +377,10 @@ def test_create_with_backing_matches_qemu_img_create(tmp_path: Path, qemu_img: s
 
 
 def test_table_size_1_qemu_cannot_open_qedfuse_can(tmp_path: Path, qemu_img: str) -> None:
-    """QEMU bug C: its table-offset test rejects every table when table_size is 1."""
+    """QEMU's table-offset test rejects every table when table_size is 1.
+
+    docs/qemu-differences.md#bug-c
+    """
     image = tmp_path / "ts1.qed"
     qedfuse("create", "-o", "cluster_size=4096,table_size=1", image, "8M")
     cp = run([qemu_img, "info", "-f", "qed", str(image)])

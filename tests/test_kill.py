@@ -55,7 +55,8 @@ MiB = 1024 * KiB
 pytestmark = pytest.mark.fuse
 
 SEED = int(os.environ.get("QEDFUSE_KILL_SEED", "20260"))
-IMAGE_SIZE = 256 * MiB  # < 4 GiB: QEMU's check has no spurious leaks (qed-format.md bug A)
+# < 4 GiB: QEMU's check has no spurious leaks (docs/qemu-differences.md#bug-a).
+IMAGE_SIZE = 256 * MiB
 CLUSTER_SIZE = 64 * KiB
 CI_KILL_POINTS = 20
 SOAK_KILL_POINTS = 200

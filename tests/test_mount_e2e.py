@@ -54,7 +54,7 @@ def _pwrite_errno(fd: int, data: bytes, pos: int) -> int:
 def test_round_trip_matches_qemu(tmp_path: Path, cache: str) -> None:
     dd = require_tool("dd")
     # 4 KiB clusters, two-cluster tables: every L2 table covers 4 MiB (QEMU cannot open
-    # table_size=1 images at all: qed-format.md §8.3 C)
+    # table_size=1 images at all: docs/qemu-differences.md#bug-c)
     size = 16 * MiB
     image = _create(tmp_path / "disk.qed", "16M", "cluster_size=4096", "table_size=2")
     model = bytearray(size)

@@ -78,8 +78,9 @@ def probe_bytes(offset: int) -> tuple[bytes, bytes]:
 
 
 def geometry_for(cs: int) -> fmt.Geometry:
-    # ts=2 keeps images QEMU can open (not ts=1, QEMU bug C); above 2 MiB clusters only ts=1
-    # stays under qedfuse's 16 MiB table cap (and QEMU's size limit wraps anyway).
+    # ts=2 keeps images QEMU can open (not ts=1, docs/qemu-differences.md#bug-c); above 2 MiB
+    # clusters only ts=1 stays under qedfuse's 16 MiB table cap (and QEMU's size limit wraps
+    # anyway: docs/qemu-differences.md#bug-d).
     return fmt.Geometry(cs, 2 if cs <= 2 * MiB else 1)
 
 
