@@ -1156,8 +1156,10 @@ class QedImage:
             if not self.read_only and self.failsafe_reason is None:
                 try:
                     await self.flush()
-                except BaseException as exc:
+                except Exception as exc:
                     # The cached metadata goes with this object: what was not flushed is lost.
+                    # (A Ctrl-C or cancellation is the caller's decision, not a failure to log:
+                    # NEED_CHECK on disk still says the image needs its check.)
                     self.enter_failsafe(f"close failed: {exc!r}")
                     raise
             elif not self.read_only and not self._foreign:
