@@ -108,6 +108,8 @@ MAX_VERIFY_PAGES = 16
 MAX_FILE_CLUSTERS = 1 << 32
 #: A reloaded table keeps its own list of bad entries only up to this many (then: all bad).
 MAX_REMEMBERED_BAD = 64
+#: Host clusters mapped twice that the engine remembers; past this it refuses every write.
+MAX_CONTESTED = 65536
 
 
 class ClusterBitmap:
@@ -372,6 +374,8 @@ class QedImage:
         self._closed = False
         # Set once the file is found changed by someone else: nothing is written to it again.
         self._foreign = False
+        self._surveyed = False  # every L2 table the L1 names checked (see _survey_tables)
+        self._survey_running: trio.Event | None = None
         self._packed_header = (header, header.pack())
         self._sync_failed = False  # an fdatasync failed during the current flush
         self._refused_write = False  # a metadata pwrite was refused for lack of space
@@ -429,6 +433,9 @@ class QedImage:
         # Tables we create, and tables checked once, are never checked again: their entries
         # are already marked in the bitmap, so a second check would call them duplicates.
         self._checked_l2: dict[int, frozenset[int] | None] = {}
+        # Host clusters two entries map: neither guest cluster may use them (the first
+        # mapping seen is not more trustworthy than the second).
+        self._contested: set[int] = set()
         self._alloc_end = geo.round_down(file_size)
         self._open_end = self._alloc_end
         self._written_end = self._alloc_end  # end of what our completed pwrites made exist
@@ -486,7 +493,7 @@ class QedImage:
         self._l1_dirty_pages = set()
         self._l1_unknown_pages = set()
 
-    def _validate_l2(self, entries: array[int]) -> set[int]:
+    def _validate_l2(self, entries: array[int], keep: int | None = None) -> set[int]:
         """Indices of invalid data entries in an L2 table read from disk for the first time.
 
         Bad: misaligned, in the header, at or past the open-time end of the file, in metadata,
@@ -499,9 +506,16 @@ class QedImage:
         high = self._open_end
         used = self._used
         bad: set[int] = set()
+        contested = self._contested
         for i, e in enumerate(entries):
             if e > 1 and (e & mask or e < low or e >= high or used.test_and_set(e)):
-                bad.add(i)
+                if keep is None or len(bad) < keep:  # a hostile table may be all bad
+                    bad.add(i)
+                if not e & mask and low <= e < high and len(contested) < MAX_CONTESTED:
+                    contested.add(e)  # the other mapping of it is bad as well
+                    if len(contested) == MAX_CONTESTED and not self.read_only:
+                        # Too many to remember: refuse every write instead (memory bound).
+                        self.enter_failsafe(f"over {MAX_CONTESTED} clusters are mapped twice")
         return bad
 
     # ------------------------------------------------------------------ L2 access
@@ -574,8 +588,19 @@ class QedImage:
         cs = geo.cluster_size
         index = first + 1
         if value > fmt.ZERO_CLUSTER:
+            contested = self._contested
+            if contested and value in contested:
+                raise CorruptionError(
+                    f"L2 entry {first} in table at {table.offset:#x} maps host cluster "
+                    f"{value:#x}, which another entry maps too (guest offset {pos})"
+                )
             expect = value + cs
-            while index <= last and entries[index] == expect and index not in table.bad:
+            while (
+                index <= last
+                and entries[index] == expect
+                and index not in table.bad
+                and not (contested and expect in contested)
+            ):
                 index += 1
                 expect += cs
         else:
@@ -664,9 +689,54 @@ class QedImage:
             )
         await self._write_unchecked(pos, data, detect_zeroes)
 
+    async def _survey_tables(self) -> None:
+        """Before the first write: check every L2 table the L1 names, once.
+
+        A host cluster mapped by two guest clusters is found when the second mapping is
+        checked; were that table loaded only after a write through the first, the write would
+        already have changed the other guest cluster's data.  Reads need no survey.
+        """
+        while not self._surveyed:
+            running = self._survey_running
+            if running is not None:
+                await running.wait()
+                continue
+            running = self._survey_running = trio.Event()
+            try:
+                for index, offset in list(enumerate(self._l1)):
+                    if offset and index not in self._l1_bad and offset not in self._checked_l2:
+                        await self._survey_table(offset)
+                self._surveyed = True
+            finally:
+                self._survey_running = None
+                running.set()
+
+    async def _survey_table(self, offset: int) -> None:
+        """Check one table for the survey without caching it: its verdict is recorded (and
+        its clusters marked) as a load would; a guest access later loads it and acts on it."""
+        event = self._loading.get(offset)
+        if event is not None:  # a load is checking it right now
+            await event.wait()
+            return
+        event = self._loading[offset] = trio.Event()
+        try:
+            raw = await self.file.pread(offset, self.geometry.table_bytes)
+            if offset not in self._checked_l2:
+                entries = fmt.decode_table(raw)
+                del raw
+                bad = self._validate_l2(entries, keep=MAX_REMEMBERED_BAD + 1)
+                self._checked_l2[offset] = (
+                    frozenset(bad) if len(bad) <= MAX_REMEMBERED_BAD else None
+                )
+        finally:
+            del self._loading[offset]
+            event.set()
+
     async def _write_unchecked(self, pos: int, data: Buffer, detect_zeroes: bool | None) -> None:
         detect = self.options.detect_zeroes if detect_zeroes is None else detect_zeroes
         view = memoryview(data).cast("B")
+        if not self._surveyed:
+            await self._survey_tables()
         if await self.file.size() < self._written_end:
             # Cut by someone else: a write could re-extend it and hide the loss (finding 7).
             self._foreign = True

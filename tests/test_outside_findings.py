@@ -133,16 +133,23 @@ def test_ctrl_c_during_mount_start(tmp_path: Path, delay_s: float) -> None:
         os.kill(proc.pid, signal.SIGINT)
     _out, err = proc.communicate(timeout=60)
     try:
-        if not signalled or proc.returncode == 0:
-            # Finished before the signal: a normal mount, which we take down again.
-            assert proc.returncode == 0, err
+        if (
+            not signalled
+            or proc.returncode == 0
+            or (proc.returncode == -signal.SIGINT and mount_entry(mnt) is not None)
+        ):
+            # Finished before the signal (or it landed in the interpreter's own exit, after
+            # the mount was up): a normal mount, which we take down again.
+            assert proc.returncode in (0, -signal.SIGINT), err
             assert mount_entry(mnt) is not None
             check_ok(qedfuse("umount", "--wait", mnt))
             return
         lines = [line for line in err.splitlines() if line.strip()]
         assert proc.returncode == 130, (proc.returncode, err)
-        assert len(lines) == 1, err
-        assert lines[0].startswith("qedfuse: interrupted"), err
+        # (the repair-on-open warning of this dirty image may come first)
+        assert lines[-1].startswith("qedfuse: interrupted"), err
+        assert sum("interrupted" in line for line in lines) == 1, err
+        assert all(line.startswith("qedfuse: ") for line in lines), err
         assert "Traceback" not in err
         wait_until(lambda: mount_entry(mnt) is None, 30, "nothing mounted")
 
