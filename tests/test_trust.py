@@ -32,7 +32,8 @@ NOBODY = 65534
 
 # A fake daemon: writes a registry record naming MOUNTPOINT/DEVICE with its own pid and start
 # time into DIR (creating DIR 0700 if missing), holds /dev/fuse open if it may (so a
-# "serves FUSE" check alone does not unmask it), serves ANSWER (or the contents of ANSWER_FILE, re-read per
+# "serves FUSE" check alone does not unmask it), serves ANSWER (or the contents of
+# ANSWER_FILE, re-read per
 # connection) on the socket next to the record, and prints "ready".
 FAKER = r"""
 import json, os, socket, sys
@@ -134,9 +135,10 @@ def _assert_real_daemon_answers(mnt: Path, pid: int) -> None:
     (entry,) = _json(qedfuse("status", "--json", mnt))
     assert (entry["pid"], entry["state"]) == (pid, "running"), entry
     human = qedfuse("status", mnt)
-    assert human.returncode == 0 and "internal error" not in human.stderr, describe(human)
+    assert human.returncode == 0, describe(human)
+    assert "internal error" not in human.stderr, describe(human)
     flushed = _json(qedfuse("flush", "--json", mnt))
-    assert flushed["pid"] == pid and flushed["ok"] is True, flushed
+    assert (flushed["pid"], flushed["ok"]) == (pid, True), flushed
     assert "image" in flushed
 
 
@@ -202,17 +204,21 @@ def test_a_socket_served_by_another_process_is_refused(tmp_path: Path, as_nobody
     image = _create(tmp_path / "disk.qed")
     with mounted(image, tmp_path / "mnt") as m:
         (ref,) = qedfuse_mounts(os.fspath(m.mnt))
-        assert ref.registry_path is not None and ref.pid == m.pid
+        assert ref.registry_path is not None
+        assert ref.pid == m.pid
         with socket_swapped(control.socket_path(ref.registry_path), as_nobody=as_nobody) as fake:
             cp = qedfuse("flush", m.mnt)
             assert cp.returncode == 1, describe(cp)
             lines = cp.stderr.strip().splitlines()
-            assert len(lines) == 1 and lines[0].startswith("qedfuse: "), describe(cp)
-            assert f"pid {fake}" in lines[0] and "flushed" not in cp.stdout, describe(cp)
+            assert len(lines) == 1, describe(cp)
+            assert lines[0].startswith("qedfuse: "), describe(cp)
+            assert f"pid {fake}" in lines[0], describe(cp)
+            assert "flushed" not in cp.stdout, describe(cp)
             (entry,) = json.loads(qedfuse("status", "--json", m.mnt).stdout)
-            assert entry["ok"] is False and entry["state"] == "not trusted", entry
+            assert (entry["ok"], entry["state"]) == (False, "not trusted"), entry
             line = [x for x in check_ok(qedfuse("list")).stdout.splitlines() if str(m.mnt) in x]
-            assert line and f"not trusted  pid {m.pid}" in line[0], line
+            assert line, line
+            assert f"not trusted  pid {m.pid}" in line[0], line
         _assert_real_daemon_answers(m.mnt, m.pid)
 
 
@@ -251,9 +257,17 @@ def _variants(answer: dict[str, Any]) -> Iterator[tuple[str, Any]]:
     yield from walk(answer, [])
 
 
-def test_answers_of_the_wrong_shape_are_one_line_errors(tmp_path: Path) -> None:
-    """A daemon (a trusted one: root's record in /run/qedfuse) answering garbage."""
+def test_answers_of_the_wrong_shape_are_one_line_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A daemon (a trusted one: root's record in /run/qedfuse) answering garbage.
+
+    Every variant goes through the CLI's own entry point in-process (fast); a sample also
+    through the installed command.
+    """
     _need_root()
+    from qedfuse import cli
+
     image = _create(tmp_path / "disk.qed")
     with mounted(image, tmp_path / "mnt") as m:
         real_status = _json(qedfuse("status", "--json", m.mnt))[0]
@@ -262,9 +276,7 @@ def test_answers_of_the_wrong_shape_are_one_line_errors(tmp_path: Path) -> None:
         real_status["io"] = real_status.get("io") or {}
         entry = mount_entry(os.fspath(m.mnt))
         assert entry is not None
-        registry = os.path.dirname(
-            next(r for r in _registry_of(m.mnt) if r)  # the real daemon's directory
-        )
+        registry = os.path.dirname(next(r for r in _registry_of(m.mnt) if r))
         answer_file = tmp_path / "answer"
         answer_file.write_text("{}")
         cfg = {
@@ -273,31 +285,38 @@ def test_answers_of_the_wrong_shape_are_one_line_errors(tmp_path: Path) -> None:
             "mountpoint": str(m.mnt),
             "answer_file": str(answer_file),
         }
-        checked = 0
+        refused = 0
         with faker(cfg, as_nobody=False) as (fake_pid, _):
             cases = [("status", v) for v in _variants(real_status)]
             cases += [("flush", v) for v in _variants(FAKE_FLUSH)]
             cases += [("status", ("text", "hello")), ("flush", ("partial", '{"ok": tr'))]
-            for command, (label, bad) in cases:
+            for n, (command, (label, bad)) in enumerate(cases):
                 payload = bad if isinstance(bad, str) else json.dumps(bad)
                 answer_file.write_text(payload + "\n")
-                argv_sets = [[command, m.mnt], [command, "--json", m.mnt]]
+                argv_sets = [[command, str(m.mnt)], [command, "--json", str(m.mnt)]]
                 if command == "status":
                     argv_sets.append(["list"])
                 for argv in argv_sets:
-                    cp = qedfuse(*argv)
-                    what = f"{label} {argv}: {describe(cp)}"
-                    assert "Traceback" not in cp.stderr and "internal error" not in cp.stderr, what
-                    if cp.returncode == 0:
+                    capsys.readouterr()
+                    rc = cli.main(argv)
+                    err = capsys.readouterr().err
+                    if n % 15 == 0:  # and the installed command agrees
+                        cp = qedfuse(*argv)
+                        assert (cp.returncode, cp.stderr) == (rc, err), describe(cp)
+                    what = f"{label} {argv}: rc {rc}, stderr {err!r}"
+                    assert "Traceback" not in err, what
+                    assert "internal error" not in err, what
+                    if rc == 0:
                         continue  # a field nothing reads: harmless
-                    assert cp.returncode == 1, what
-                    lines = cp.stderr.strip().splitlines()
+                    assert rc == 1, what
+                    lines = err.strip().splitlines()
                     assert len(lines) <= 1, what
                     if lines:
                         assert lines[0].startswith("qedfuse: "), what
                         assert f"(pid {fake_pid})" in lines[0] or "not responding" in lines[0]
-                    checked += 1
-        assert checked > 50, checked  # most variants are refused, not printed
+                        refused += 1
+        assert refused > 50, refused  # most variants are refused, not printed
+        _assert_real_daemon_answers(m.mnt, m.pid)
 
 
 def _registry_of(mnt: Path) -> list[str | None]:
