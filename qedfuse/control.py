@@ -235,13 +235,44 @@ class NoAnswer(Exception):
         self.detail = detail
 
 
-def request(path: str, command: str, timeout: float) -> dict[str, Any]:
-    """Send one request to the socket at ``path``; the decoded answer.  Raises NoAnswer."""
+class MalformedAnswer(Exception):
+    """The daemon's answer does not have the shape of a ``status``/``flush`` answer."""
+
+    def __init__(self, pid: int | None) -> None:
+        super().__init__(f"malformed answer from the daemon (pid {pid})")
+
+
+def request(
+    path: str,
+    command: str,
+    timeout: float,
+    *,
+    peer_pid: int | None = None,
+    peer_uid: int | None = None,
+) -> dict[str, Any]:
+    """Send one request to the socket at ``path``; the decoded answer.  Raises NoAnswer.
+
+    With ``peer_pid``/``peer_uid``, the process serving the socket must be that one
+    (``SO_PEERCRED``), else nothing is sent: a socket anyone else serves is not the daemon's.
+    """
     deadline = time.monotonic() + timeout
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
             _connect(sock, path, deadline)
+            if peer_pid is not None or peer_uid is not None:
+                creds = sock.getsockopt(
+                    socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")
+                )
+                pid, uid, _gid = struct.unpack("3i", creds)
+                if (peer_pid is not None and pid != peer_pid) or (
+                    peer_uid is not None and uid != peer_uid
+                ):
+                    raise NoAnswer(
+                        "not trusted",
+                        f"its control socket is served by pid {pid} (uid {uid}), not by the "
+                        f"registered daemon pid {peer_pid} (uid {peer_uid}); refusing to use it",
+                    )
             sock.sendall(command.encode("ascii") + b"\n")
             chunks: list[bytes] = []
             size = 0
@@ -305,6 +336,7 @@ class MountRef:
     pid: int | None  # None: no live daemon registered for it
     registry_path: str | None
     foreign_uid: int | None = None  # mounted by this other user (we can't ask its daemon)
+    owner_uid: int | None = None  # the uid the daemon (and its registry record) runs as
 
 
 def query(ref: MountRef, command: str, timeout: float) -> dict[str, Any]:
@@ -320,7 +352,13 @@ def query(ref: MountRef, command: str, timeout: float) -> dict[str, Any]:
         )
         return {**base, "ok": False, "state": "dead", "error": error}
     try:
-        answer = request(socket_path(ref.registry_path), command, timeout)
+        answer = request(
+            socket_path(ref.registry_path),
+            command,
+            timeout,
+            peer_pid=ref.pid,
+            peer_uid=ref.owner_uid,
+        )
     except NoAnswer as exc:
         state, detail = exc.state, exc.detail
         letter = process_state(ref.pid)
@@ -332,8 +370,102 @@ def query(ref: MountRef, command: str, timeout: float) -> dict[str, Any]:
             state = "no control socket"
             detail = "the daemon runs, but nothing listens on its control socket"
         return {**base, "ok": False, "state": state, "error": detail}
+    if not _well_formed(answer, command):
+        raise MalformedAnswer(ref.pid)
     answer.setdefault("state", "running")
-    return {**base, **answer}
+    return {**base, **answer, "mountpoint": ref.mountpoint, "pid": ref.pid}
+
+
+# What the formatting below reads from an answer: key → type (a tuple: any of them; a dict:
+# a nested object of that shape; a list: a list of such).  Anything else is malformed.
+_NUM = (int, float)
+_OPT_NUM = (int, float, type(None))
+_OPT_STR = (str, type(None))
+_ENGINE = {
+    "read_only": bool,
+    "flushes": int,
+    "last_flush_seconds": _OPT_NUM,
+    "max_flush_seconds": _OPT_NUM,
+    "flush_failures": int,
+    "dirty_l2_tables": int,
+    "dirty_l1_pages": int,
+    "need_check_on_disk": bool,
+    "failsafe_reason": _OPT_STR,
+    "allocator_end_bytes": int,
+    "data_clusters": int,
+    "cluster_size_bytes": int,
+    "l2_tables": int,
+    "image_size_bytes": int,
+}
+_CACHE = {
+    "hit_rate": _OPT_NUM,
+    "cached_tables": int,
+    "capacity_tables": int,
+    "table_bytes": int,
+    "hits": int,
+    "misses": int,
+}
+_REQUESTS = {
+    "requests": int,
+    "reads": int,
+    "bytes_read": int,
+    "writes": int,
+    "bytes_written": int,
+    "flushes": int,
+    "errors": int,
+    "last_error": _OPT_STR,
+}
+_IO = {
+    "file_bytes": int,
+    "preads": int,
+    "bytes_read": int,
+    "pwrites": int,
+    "bytes_written": int,
+    "fdatasyncs": int,
+}
+_PROBLEM = {"time": _NUM, "level": str, "message": str}
+_STATUS = {
+    "image": str,
+    "uptime_seconds": _NUM,
+    "options": [str],
+    "log": str,
+    "engine": _ENGINE,
+    "cache": _CACHE,
+    "requests": _REQUESTS,
+    "problems": [_PROBLEM],
+}
+_FLUSH = {
+    "duration_seconds": _NUM,
+    "l2_tables_written": int,
+    "l1_pages_written": int,
+    "need_check_before": bool,
+    "need_check_after": bool,
+}
+
+
+def _fits(value: object, shape: object) -> bool:
+    if isinstance(shape, dict):
+        return isinstance(value, dict) and all(
+            key in value and _fits(value[key], sub) for key, sub in shape.items()
+        )
+    if isinstance(shape, list):
+        return isinstance(value, list) and all(_fits(item, shape[0]) for item in value)
+    assert isinstance(shape, (type, tuple))
+    return isinstance(value, shape)
+
+
+def _well_formed(answer: dict[str, Any], command: str) -> bool:
+    """True if ``answer`` has every field the ``command``'s formatting reads, typed right."""
+    if not isinstance(answer.get("ok"), bool) or not _fits(answer.get("state", ""), str):
+        return False
+    if not answer["ok"]:
+        return _fits(answer.get("error", ""), str)
+    if command == "status":
+        io = answer.get("io")
+        return _fits(answer, _STATUS) and (io is None or _fits(io, _IO))
+    if not isinstance(answer.get("read_only"), bool):
+        return False
+    return answer["read_only"] or _fits(answer, _FLUSH)
 
 
 # ---------------------------------------------------------------------------- formatting
@@ -453,6 +585,7 @@ def flush_text(entry: dict[str, Any]) -> str:
 
 __all__ = [
     "DaemonView",
+    "MalformedAnswer",
     "MountRef",
     "NoAnswer",
     "flush_text",

@@ -60,7 +60,7 @@ import sys
 import time
 import traceback
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import trio
@@ -520,6 +520,14 @@ def _check_mountpoint(mountpoint: str) -> str:
 
 def _build_config(ns: argparse.Namespace) -> MountConfig:
     opts = parse_options(ns.options)
+    # The daemon chdirs to / before it opens anything: every path the user typed is made
+    # absolute here, against the caller's cwd (the mountpoint by _check_mountpoint).
+    opts = replace(
+        opts,
+        backing=os.path.abspath(opts.backing) if opts.backing else opts.backing,
+        log_file=os.path.abspath(opts.log_file) if opts.log_file else opts.log_file,
+        pidfile=os.path.abspath(opts.pidfile) if opts.pidfile else opts.pidfile,
+    )
     image = os.path.abspath(ns.image)
     overlay_base: str | None = None
     if ns.overlay:
@@ -1187,13 +1195,66 @@ class Daemon:
     mountpoint: str
     image: str
     device: str
+    owner: int = -1  # uid owning the registry directory and file (the daemon's real uid)
+    record: str = ""  # the registry file
 
     def alive(self) -> bool:
         return _proc_start_time(self.pid) == self.start
 
 
+def _trusted_owner(path: str, *, kind: Callable[[int], bool]) -> int | None:
+    """The owner of ``path`` if what it holds may be believed, else None.
+
+    Trusted: of the right ``kind`` (no symlink), not group/other-writable, and owned by the
+    caller or root (root also looks at other users' own directories: see :func:`_read_record`).
+    """
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    if not kind(st.st_mode) or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return None
+    me = os.geteuid()
+    return st.st_uid if me == 0 or st.st_uid in (me, 0) else None
+
+
+def _proc_uid(pid: int) -> int | None:
+    """The real uid of process ``pid``, None if gone."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Uid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _holds_dev_fuse(pid: int) -> bool | None:
+    """True if ``pid`` has /dev/fuse open, False if not, None if we may not look."""
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except PermissionError:
+        return None
+    except OSError:
+        return False
+    for name in names:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{name}") == "/dev/fuse":
+                return True
+    return False
+
+
 def _read_record(path: str) -> Daemon | None:
-    """The daemon a registry file describes, if it is still alive, else None."""
+    """The daemon a registry file describes, if it is alive and to be trusted, else None.
+
+    Anyone can create ``/tmp/qedfuse-*``: a record counts only if its directory and file are
+    owned by one user (the caller or root, or any user when root asks), neither is
+    group/other-writable, and the recorded process runs as that user.
+    """
+    owner = _trusted_owner(os.path.dirname(path), kind=stat.S_ISDIR)
+    if owner is None or _trusted_owner(path, kind=stat.S_ISREG) != owner:
+        return None
     try:
         with open(path, encoding="utf-8") as f:
             record = json.load(f)
@@ -1204,10 +1265,14 @@ def _read_record(path: str) -> Daemon | None:
             str(record["mountpoint"]),
             str(record.get("image", "")),
             str(record.get("device", "")),
+            owner,
+            path,
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    return found if found.alive() else None
+    if not found.alive() or _proc_uid(pid) != owner:
+        return None
+    return found
 
 
 def _prune_registry(directory: str) -> None:
@@ -1241,10 +1306,14 @@ def daemon_for(entry: MountEntry) -> Daemon | None:
     """The live daemon serving the mount ``entry`` (the newest, if a device was reused)."""
     if entry.fstype != _FSTYPE:
         return None
+    mounted_by = _fuse_owners().get(entry.device)
     matching = [
         d
         for d in _live_daemons()
-        if d.mountpoint == entry.mountpoint and d.device in ("", entry.device)
+        if d.mountpoint == entry.mountpoint
+        and d.device in ("", entry.device)
+        and (d.owner == 0 or mounted_by in (None, d.owner))  # its daemon runs as its mounter
+        and _holds_dev_fuse(d.pid) is not False  # and serves a FUSE connection
     ]
     return matching[-1] if matching else None
 
@@ -1278,8 +1347,13 @@ def mountpoint_of_daemon(pid: int) -> str | None:
 
 def _foreign_fuse_devices() -> dict[str, int]:
     """major:minor → owner of the FUSE mounts made by another user (``user_id=``)."""
-    found: dict[str, int] = {}
     mine = os.getuid()
+    return {device: uid for device, uid in _fuse_owners().items() if uid != mine}
+
+
+def _fuse_owners() -> dict[str, int]:
+    """major:minor → the user who made each FUSE mount (``user_id=``)."""
+    found: dict[str, int] = {}
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
             for line in f:
@@ -1288,7 +1362,7 @@ def _foreign_fuse_devices() -> dict[str, int]:
                 if len(fields) >= 3 and len(rest) >= 3 and rest[0].startswith("fuse"):
                     for option in rest[2].split(","):
                         key, _, value = option.partition("=")
-                        if key == "user_id" and value.isdigit() and int(value) != mine:
+                        if key == "user_id" and value.isdigit():
                             found[fields[2]] = int(value)
     except OSError:
         pass
@@ -1321,17 +1395,15 @@ def qedfuse_mounts(mountpoint: str | None = None) -> list[MountRef]:
         if daemon is None:
             refs.append(MountRef(entry.mountpoint, entry.source, None, None))
             continue
-        record = next(
-            (
-                path
-                for directory in _registry_dirs()
-                if os.path.exists(
-                    path := _registry_file(directory, daemon.device or entry.device, daemon.pid)
-                )
-            ),
-            None,
+        refs.append(
+            MountRef(
+                entry.mountpoint,
+                daemon.image or entry.source,
+                daemon.pid,
+                daemon.record,
+                owner_uid=daemon.owner,
+            )
         )
-        refs.append(MountRef(entry.mountpoint, daemon.image or entry.source, daemon.pid, record))
     return refs
 
 
