@@ -45,6 +45,7 @@ import trio
 from qedfuse.errors import QedError
 from qedfuse.imagefile import io_statistics
 from qedfuse.logsetup import destination, recent_problems
+from qedfuse.procfs import process_state
 
 if TYPE_CHECKING:
     from qedfuse.engine import QedImage
@@ -314,17 +315,6 @@ def _connect(sock: socket.socket, path: str, deadline: float) -> None:
                 raise TimeoutError from None
             time.sleep(delay)
             delay = min(delay * 2, 0.1)
-
-
-def process_state(pid: int) -> str | None:
-    """The state letter of ``/proc/PID/stat`` (``R``, ``S``, ``T`` …), None if gone."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            text = f.read()
-    except OSError:
-        return None
-    fields = text[text.rfind(")") + 2 :].split()
-    return fields[0] if fields else None
 
 
 @dataclass(frozen=True, slots=True)

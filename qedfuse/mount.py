@@ -68,6 +68,7 @@ import trio
 from qedfuse import format as fmt
 from qedfuse.errors import QedError
 from qedfuse.options import MountOptions, OptionError, parse_options
+from qedfuse.procfs import process_state, start_time
 
 if TYPE_CHECKING:
     from qedfuse.control import MountRef
@@ -1164,7 +1165,7 @@ def _register(device: str, mountpoint: str, image: str) -> str | None:
     directory = _registry_dirs()[0]
     record = {
         "pid": os.getpid(),
-        "start": _proc_start_time(os.getpid()),
+        "start": start_time(os.getpid()),
         "mountpoint": mountpoint,
         "image": image,
         "device": device,
@@ -1199,7 +1200,7 @@ class Daemon:
     record: str = ""  # the registry file
 
     def alive(self) -> bool:
-        return _proc_start_time(self.pid) == self.start
+        return start_time(self.pid) == self.start
 
 
 def _trusted_owner(path: str, *, kind: Callable[[int], bool]) -> int | None:
@@ -1327,12 +1328,7 @@ def find_daemon(mountpoint: str) -> tuple[int, str] | None:
 
 def _is_stopped(pid: int) -> bool:
     """True if ``pid`` is stopped (SIGSTOP, Ctrl-Z) or traced: it answers nothing."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            text = f.read()
-    except OSError:
-        return False
-    return text[text.rfind(")") + 2 :][:1] in ("T", "t")
+    return process_state(pid) in ("T", "t")
 
 
 def mountpoint_of_daemon(pid: int) -> str | None:
@@ -1438,19 +1434,6 @@ def _fusermount(
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-def _proc_start_time(pid: int) -> str | None:
-    """The process's start time (field 22 of /proc/PID/stat), None if gone or a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            text = f.read()
-    except OSError:
-        return None
-    fields = text[text.rfind(")") + 2 :].split()
-    if not fields or fields[0] in ("Z", "X"):
-        return None
-    return fields[19]
-
-
 def _uses_mount(pid: str, entry: MountEntry, maps_device: str) -> bool:
     """Whether process ``pid`` has a file, mapping, cwd or root in the mount (from /proc only:
     fdinfo's mnt_id, maps' device; nothing here asks the mount itself)."""
@@ -1540,7 +1523,7 @@ def umount_main(ns: argparse.Namespace) -> int:
 
 def _process_age() -> float:
     """Seconds since this process started (interpreter start-up and imports included)."""
-    start = _proc_start_time(os.getpid())
+    start = start_time(os.getpid())
     try:
         ticks = os.sysconf("SC_CLK_TCK")
         return max(time.clock_gettime(time.CLOCK_BOOTTIME) - int(start or "") / ticks, 0.0)
