@@ -36,9 +36,9 @@ from typing import NoReturn, TextIO
 import trio
 
 from qedfuse import __version__, tools
-from qedfuse.errors import QedError
+from qedfuse.errors import QedError, UsageError, one_line
+from qedfuse.errors import UserError as CliError
 from qedfuse.logsetup import setup_logging
-from qedfuse.tools import CliError, UsageError
 
 PROG = "qedfuse"
 OFFLINE_COMMANDS = ("create", "info", "check", "convert", "map", "resize", "commit")
@@ -612,11 +612,7 @@ def _one_line(text: str) -> str:
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        if exc.filename is not None:
-            return f"{exc.filename}: {exc.strerror}"
-        return exc.strerror
-    return str(exc)
+    return one_line(exc)
 
 
 def _contains(exc: BaseException, kind: type[BaseException]) -> bool:

@@ -20,6 +20,37 @@ class QedError(Exception):
     errno: int = errno.EIO
 
 
+class UserError(QedError):
+    """A failure the user caused or can fix; ``exit_code`` is the command's exit status.
+
+    The one type every command raises for "print one line and exit non-zero"; ``cli.main``
+    catches it and prints ``qedfuse: <message>``.
+    """
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class UsageError(UserError):
+    """A bad command line (exit status 2, like argparse's errors)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, 2)
+
+
+def one_line(exc: BaseException | str) -> str:
+    """``exc`` as one line of text: ``filename: strerror`` for an OSError, else ``str()``
+    (the type's name when that is empty); newlines become spaces."""
+    if isinstance(exc, str):
+        text = exc
+    elif isinstance(exc, OSError) and exc.strerror:
+        text = f"{exc.filename}: {exc.strerror}" if exc.filename is not None else exc.strerror
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.splitlines())
+
+
 class FormatError(QedError):
     """The header is not a usable QED header (the message says which rule failed)."""
 

@@ -43,7 +43,7 @@ from qedfuse.engine import (
     read_backing_name,
     read_header,
 )
-from qedfuse.errors import BackingFileError, LockError, QedError
+from qedfuse.errors import BackingFileError, LockError, QedError, UsageError, UserError
 from qedfuse.imagefile import BlockFile, FileImage, open_file
 from qedfuse.locking import LockMode, lock_image, with_hint
 
@@ -63,19 +63,8 @@ _MAX_SIZE: Final = (1 << 63) - 1
 Progress = Callable[[int, int], None]
 
 
-class CliError(QedError):
-    """A user-facing failure with the exit status the command should return."""
-
-    def __init__(self, message: str, exit_code: int = 1) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-class UsageError(CliError):
-    """A bad command line (exit status 2, like argparse's errors)."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, 2)
+#: The user-error types live in errors.py; the old names stay for the offline commands.
+CliError = UserError
 
 
 # ---------------------------------------------------------------------- sizes and options
