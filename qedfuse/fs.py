@@ -685,10 +685,23 @@ async def fuse_main() -> None:
         pyfuse3._wait_fuse_readable = _wait  # type: ignore[attr-defined]
     try:
         await pyfuse3.main(1, _MAX_TASKS)
+    except* ConnectionAbortedError as group:
+        # The kernel's teardown of the connection (the last close after a lazy unmount, or
+        # an abort) can meet a read that has already taken a request off the queue: that
+        # read fails with ECONNABORTED instead of the usual ENODEV.  Either way the session
+        # is over and the caller flushes the image; it is no internal error.
+        log.info("the FUSE session ended during a read (%s)", _first_line(group))
     finally:
         if hooked:
             pyfuse3._wait_fuse_readable = original  # type: ignore[attr-defined]
         _log_session_stats(hooked)
+
+
+def _first_line(group: BaseExceptionGroup[ConnectionAbortedError]) -> str:
+    first: BaseException = group
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    return str(first).splitlines()[0] if str(first) else type(first).__name__
 
 
 def _log_session_stats(hooked: bool) -> None:

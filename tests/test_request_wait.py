@@ -157,3 +157,37 @@ def test_daemon_takes_queued_requests_and_overlaps_disk_reads(tmp_path: Path) ->
     assert parked > 100, (ops, parked)  # misses overlapped in io_uring
     check_ok(run([qemu_img, "check", image]))
     assert not need_check(image)
+
+
+@pytest.mark.parametrize("nesting", [0, 1, 2])
+def test_a_read_that_meets_the_teardown_ends_the_session(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, nesting: int
+) -> None:
+    """ECONNABORTED from a /dev/fuse read (the kernel dequeued a request, then the connection
+    went away: seen in CI after a lazy unmount) ends the session like ENODEV, not as an
+    internal error; anything else pyfuse3 raises still propagates."""
+
+    def wrapped(exc: Exception) -> Exception:
+        for _ in range(nesting):
+            exc = ExceptionGroup("nursery", [exc])
+        return exc
+
+    async def aborted_main(*_: object) -> None:
+        raise wrapped(OSError(103, "fuse_session_receive_buf failed with connection abort"))
+
+    monkeypatch.setattr(pyfuse3, "main", aborted_main)
+    caplog.set_level("INFO", logger="qedfuse")
+    trio.run(fs.fuse_main)
+    assert "the FUSE session ended during a read" in caplog.text
+
+    async def failing_main(*_: object) -> None:
+        raise wrapped(OSError(5, "fuse_session_receive_buf failed with EIO"))
+
+    monkeypatch.setattr(pyfuse3, "main", failing_main)
+    with pytest.raises((OSError, ExceptionGroup)) as info:
+        trio.run(fs.fuse_main)
+    inner: BaseException = info.value
+    while isinstance(inner, BaseExceptionGroup):
+        inner = inner.exceptions[0]
+    assert isinstance(inner, OSError), info.value
+    assert inner.errno == 5, info.value
