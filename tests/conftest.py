@@ -2,14 +2,49 @@
 
 - `--run-soak` runs the tests marked `soak`; without it they are skipped with a stated
   reason (an intentional, opt-in skip: soak runs are too long for every `make test`).
+- `@pytest.mark.sample(k)` on a parametrized test runs k of its cases, a different draw on
+  every run (the seed is in the report header; ``QEDFUSE_SAMPLE_SEED=N`` repeats a run); the
+  others are deselected, and counted in the summary.  `--run-soak` (or
+  ``QEDFUSE_SAMPLE_SEED=all``) runs every case.  Big variant matrices keep their full
+  coverage across runs while `make test` stays within its time budget.
 - `qemu_img` / `qemu_io` fixtures return the tool's absolute path (see support.require_tool).
 """
 
 from __future__ import annotations
 
+import os
+import random
+from collections import defaultdict
+
 import pytest
 
 from support import require_tool
+
+_SEED_VAR = "QEDFUSE_SAMPLE_SEED"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Fix the run's draw once, in the environment: ``support.sampled`` and the daemons'
+    tests read it there, and a rerun with the printed seed repeats the draw."""
+    if config.getoption("--run-soak"):
+        os.environ[_SEED_VAR] = "all"
+    elif not os.environ.get(_SEED_VAR):
+        os.environ[_SEED_VAR] = str(random.SystemRandom().randrange(1 << 30))
+
+
+def _sample_seed(config: pytest.Config) -> int | None:
+    """The draw's seed, or None to run every case."""
+    text = os.environ.get(_SEED_VAR, "all")
+    return None if text == "all" or config.getoption("--run-soak") else int(text)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    seed = _sample_seed(config)
+    if seed is None:
+        return "sampled variant matrices: every case runs"
+    return (
+        f"sampled variant matrices: seed {seed} (repeat with {_SEED_VAR}={seed}; all: --run-soak)"
+    )
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -21,7 +56,29 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+def _sample(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect all but k cases of every test marked ``sample(k)``."""
+    seed = _sample_seed(config)
+    if seed is None:
+        return
+    groups: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for index, item in enumerate(items):
+        marker = item.get_closest_marker("sample")
+        if marker is not None and isinstance(item, pytest.Function):
+            groups[(item.path.name, item.originalname)].append(index)
+    dropped: set[int] = set()
+    for (path, name), indexes in sorted(groups.items()):
+        (k,) = items[indexes[0]].get_closest_marker("sample").args  # type: ignore[union-attr]
+        rng = random.Random(f"{seed}:{path}:{name}")
+        keep = set(rng.sample(indexes, k)) if k < len(indexes) else set(indexes)
+        dropped |= set(indexes) - keep
+    if dropped:
+        config.hook.pytest_deselected(items=[items[i] for i in sorted(dropped)])
+        items[:] = [item for i, item in enumerate(items) if i not in dropped]
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    _sample(config, items)
     if config.getoption("--run-soak"):
         return
     skip_soak = pytest.mark.skip(reason="soak test: opt-in, run with --run-soak")

@@ -11,13 +11,16 @@ Import as `from support import require_tool` (tests/ is on pytest's pythonpath).
 from __future__ import annotations
 
 import os
+import random
 import shlex
 import shutil
 import subprocess
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import pytest
+
+T = TypeVar("T")
 
 # mkfs.ext4, e2fsck etc. live in sbin, which a non-root user's PATH often lacks.
 _EXTRA_PATH = ("/usr/local/sbin", "/usr/sbin", "/sbin")
@@ -104,3 +107,13 @@ def check_ok(
     if cp.returncode != returncode:
         raise AssertionError(f"expected exit status {returncode}\n{describe(cp)}")
     return cp
+
+
+def sampled(cases: Sequence[T], k: int, label: str) -> list[T]:
+    """``k`` of ``cases`` (in their order), drawn with the run's seed (tests/conftest.py);
+    every case with ``--run-soak`` or ``QEDFUSE_SAMPLE_SEED=all``."""
+    seed = os.environ.get("QEDFUSE_SAMPLE_SEED", "all")
+    if seed == "all" or k >= len(cases):
+        return list(cases)
+    keep = sorted(random.Random(f"{seed}:{label}").sample(range(len(cases)), k))
+    return [cases[i] for i in keep]

@@ -255,6 +255,7 @@ def test_not_the_mount_form(
         (["mount", "x.qed"], "mount"),
     ],
 )
+@pytest.mark.sample(4)
 def test_usage_error_points_at_the_commands_own_help(argv: list[str], command: str) -> None:
     cp = qedfuse(*argv)
     line = _one_line(cp, 1 if command == "check" else 2)

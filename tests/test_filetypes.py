@@ -282,6 +282,7 @@ def test_other_file_types_are_refused_offline(tmp_path: Path, kind: str, case: s
     _refused(tmp_path, kind, case, lambda args: in_process(args[1:]))
 
 
+@pytest.mark.sample(10)
 @pytest.mark.parametrize("kind", MOUNT_KINDS)
 @pytest.mark.parametrize("case", MOUNT_CASES)
 def test_other_file_types_are_refused_by_mount(tmp_path: Path, kind: str, case: str) -> None:
@@ -395,6 +396,7 @@ def _host_offset(image: Path, pos: int) -> int:
     raise AssertionError(f"guest {pos} not allocated in {image}: {cp.stdout}")
 
 
+@pytest.mark.sample(4)
 @pytest.mark.parametrize("via", ["device", "symlink-to-device", "regular"])
 @pytest.mark.parametrize("write_pos", [0, 3 * CS + 12345, MiB - 5, 5 * CS - 3])
 def test_raw_backing_block_device_through_mount(

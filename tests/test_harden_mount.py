@@ -106,6 +106,7 @@ def _dd(raw: Path, seek_blocks: int) -> int:
 @pytest.mark.parametrize(
     "change", ["truncate-0", "truncate-half", "header-zero", "l1-zero", "replaced"]
 )
+@pytest.mark.sample(4)
 @pytest.mark.parametrize("seek_blocks", [0, 7])
 def test_image_changed_while_mounted_fails_every_fsync(
     tmp_path: Path, change: str, seek_blocks: int
@@ -164,6 +165,7 @@ def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
     ],  # table_size 1 would do too, but qemu-img (the oracle) cannot open it:
     # docs/qemu-differences.md#bug-c
 )
+@pytest.mark.sample(2)
 def test_full_tmpfs_refuses_writes_keeps_the_view_and_recovers(
     tmp_path: Path, cs: int, ts: int, chunk: int, order: str
 ) -> None:

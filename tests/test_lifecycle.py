@@ -283,6 +283,7 @@ def test_mountinfo_tree_stacked_and_shadowed() -> None:
 # ---------------------------------------------------------------------------- real mounts
 
 
+@pytest.mark.sample(2)
 @pytest.mark.fuse
 @pytest.mark.parametrize("leaf", ["m", "m b", "back\\slash", "tab\there"])
 def test_umount_wait_through_any_path(tmp_path: Path, leaf: str) -> None:
@@ -309,6 +310,7 @@ def test_umount_wait_through_any_path(tmp_path: Path, leaf: str) -> None:
             assert not need_check(image)
 
 
+@pytest.mark.sample(2)
 @pytest.mark.fuse
 @pytest.mark.parametrize("lazy", [False, True])
 @pytest.mark.parametrize("timeout", [1, 3])
@@ -394,6 +396,7 @@ def test_daemon_stopped_during_wait(tmp_path: Path, paused: Pause, resume: bool)
     assert not need_check(image)
 
 
+@pytest.mark.sample(2)
 @pytest.mark.fuse
 @pytest.mark.parametrize("via", ["mnt", "lnk/mnt", "mnt/", "sub/../mnt"])
 def test_mount_onto_a_stopped_mount(
@@ -418,6 +421,7 @@ def test_mount_onto_a_stopped_mount(
     assert mount_entry(tmp_path / "mnt") is None
 
 
+@pytest.mark.sample(2)
 @pytest.mark.fuse
 @pytest.mark.parametrize("lazy", [False, True])
 @pytest.mark.parametrize("timeout", [1, 5])
@@ -483,6 +487,7 @@ def test_busy_and_stopped_names_holders(tmp_path: Path, paused: Pause) -> None:
     _no_trouble(m)
 
 
+@pytest.mark.sample(2)
 @pytest.mark.fuse
 @pytest.mark.parametrize("how", ["qedfuse", "qedfuse --lazy", "fusermount3"])
 def test_umount_wait_after_a_plain_umount_waits_for_the_daemon(

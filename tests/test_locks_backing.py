@@ -341,6 +341,7 @@ CASES = [
 ]
 
 
+@pytest.mark.sample(9)
 @pytest.mark.parametrize(("base_fmt", "held", "holder"), CASES)
 def test_lock_matrix(tmp_path: Path, base_fmt: str, held: str, holder: str) -> None:
     hold, qemu_holder = HOLDERS[holder]
@@ -368,6 +369,7 @@ def _qemu_img(*args: str | Path) -> subprocess.CompletedProcess[str]:
     return run([require_tool("qemu-img"), *args])
 
 
+@pytest.mark.sample(2)
 @pytest.mark.parametrize("read_only", [False, True], ids=["rw", "ro"])
 @pytest.mark.parametrize("base_fmt", ["qed", "raw"])
 def test_three_levels_locked_as_qemu_locks_them(
@@ -417,6 +419,7 @@ _READERS = {
 }
 
 
+@pytest.mark.sample(4)
 @pytest.mark.parametrize("command", list(_READERS))
 @pytest.mark.parametrize("writer", ["qemu-io", "mount rw"])
 def test_force_share_reads_past_a_writer_of_the_base(
@@ -451,6 +454,7 @@ def test_force_share_reads_past_a_writer_of_the_base(
 @pytest.mark.parametrize(
     "backing", ["missing", "fifo", "directory", "itself", "itself-qed", "nbd:x:1"]
 )
+@pytest.mark.sample(3)
 def test_check_locks_what_it_can_of_a_broken_chain(tmp_path: Path, backing: str) -> None:
     """check locks the chain but never needs it: a chain it cannot follow is no error, no hang."""
     top = tmp_path / "top.qed"

@@ -441,6 +441,7 @@ def test_mount8_form_and_read_only(tmp_path: Path, qemu_img_tool: str) -> None:
         "bad-pidfile",
     ],
 )
+@pytest.mark.sample(6)
 def test_bad_input_one_line_nothing_mounted(
     tmp_path: Path, qemu_img_tool: str, case: str, daemon: bool
 ) -> None:

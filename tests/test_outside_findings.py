@@ -28,6 +28,7 @@ from support import check_ok, require_tool, run
 # --------------------------------------------------------------------------- backing names
 
 
+@pytest.mark.sample(4)
 @pytest.mark.parametrize("cluster_size", ["64K", "1M"])
 @pytest.mark.parametrize("extra", [-1, 0, 1, 904])
 def test_create_refuses_backing_names_no_open_can_read(
@@ -114,6 +115,7 @@ def _slow_start_image(path: Path) -> None:
         f.write(header.replace(features=header.features | fmt.Feature.NEED_CHECK).pack())
 
 
+@pytest.mark.sample(2)
 @pytest.mark.parametrize("delay_s", [0.35, 0.6, 0.9, 1.3, 2.0])
 def test_ctrl_c_during_mount_start(tmp_path: Path, delay_s: float) -> None:
     image = tmp_path / "slow.qed"

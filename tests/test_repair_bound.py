@@ -225,6 +225,7 @@ def fan_size(cs: int, kind: str = "one-table") -> int:
 # ============================================================================ engine
 
 
+@pytest.mark.sample(14)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("cs", CLUSTER_SIZES, ids=lambda cs: f"cs{cs // KiB}k")
 @pytest.mark.parametrize("space", ["short", "enough"])
@@ -260,6 +261,7 @@ async def test_copy_repair_is_decided_by_free_space_before_writing(
         await assert_copied(fan)
 
 
+@pytest.mark.sample(5)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("cs", [4 * KiB, 64 * KiB, 1 * MiB, 16 * MiB], ids=lambda c: f"{c}")
 async def test_byte_limit_refuses_and_unmap_needs_no_space(
@@ -423,6 +425,7 @@ async def test_a_failing_copy_is_cut_off_again(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("cs", "kind"), [(4 * KiB, "many-clusters"), (64 * KiB, "across-tables"), (MiB, "one-table")]
 )
+@pytest.mark.sample(3)
 def test_cli_check_repair_refuses_then_unmaps(
     cs: int, kind: str, mode: str, tmp_path: Path, qemu_img: str
 ) -> None:

@@ -125,6 +125,7 @@ def delta(after: dict[str, Any], before: dict[str, Any], part: str, key: str) ->
         (512, 9, 7 * MiB + 512, ("-o", "cache=kernel")),
     ],
 )
+@pytest.mark.sample(2)
 def test_figures_move_with_io(
     tmp_path: Path, bs: int, count: int, seek_bytes: int, opts: tuple[str, ...]
 ) -> None:
@@ -431,6 +432,7 @@ def _corrupt_image(tmp_path: Path, bad_cluster: int, how: str) -> tuple[Path, in
 @pytest.mark.parametrize(
     ("how", "bad_cluster"), [("into-l1", 1), ("unaligned", 6), ("past-eof", 3)]
 )
+@pytest.mark.sample(2)
 def test_failsafe_shows_its_reason_and_the_range(
     tmp_path: Path, how: str, bad_cluster: int
 ) -> None:

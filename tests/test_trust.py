@@ -24,7 +24,7 @@ import pytest
 from fusehelpers import QEDFUSE, mounted, qedfuse
 
 from qedfuse.mount import mount_entry
-from support import check_ok, describe, require_tool, run, tools_required
+from support import check_ok, describe, require_tool, run, sampled, tools_required
 
 pytestmark = pytest.mark.fuse
 
@@ -142,6 +142,7 @@ def _assert_real_daemon_answers(mnt: Path, pid: int) -> None:
     assert "image" in flushed
 
 
+@pytest.mark.sample(2)
 @pytest.mark.parametrize("where", ["own_tmp_dir", "world_writable_dir", "sticky_root_dir"])
 def test_a_record_written_by_another_user_is_not_believed(tmp_path: Path, where: str) -> None:
     """nobody's record naming root's mount, in nobody's own dir or a dir others can write."""
@@ -289,6 +290,7 @@ def test_answers_of_the_wrong_shape_are_one_line_errors(
         with faker(cfg, as_nobody=False) as (fake_pid, _):
             cases = [("status", v) for v in _variants(real_status)]
             cases += [("flush", v) for v in _variants(FAKE_FLUSH)]
+            cases = sampled(cases, max(12, len(cases) // 4), "trust-wrong-shape")
             cases += [("status", ("text", "hello")), ("flush", ("partial", '{"ok": tr'))]
             for n, (command, (label, bad)) in enumerate(cases):
                 payload = bad if isinstance(bad, str) else json.dumps(bad)
@@ -328,6 +330,7 @@ def _registry_of(mnt: Path) -> list[str | None]:
 # ------------------------------------------------------------------ relative paths (B)
 
 
+@pytest.mark.sample(3)
 @pytest.mark.parametrize("which", ["backing", "log", "pidfile", "--pidfile", "--overlay", "image"])
 def test_relative_paths_are_taken_against_the_callers_cwd(tmp_path: Path, which: str) -> None:
     """The daemon chdirs to /: each path given relative to the caller's cwd still works."""
