@@ -8,6 +8,9 @@ one process.  Running the two kinds at once fills both cores of a CI machine ins
 
 A file belongs to the in-process kind when its source mentions none of the markers in
 :data:`SHARED_STATE` (checked here, so a new mount test cannot land in the wrong process).
+The files in :data:`PRIVATE_MOUNTS` mount real file systems but only their own, and read
+nothing machine-wide (no ``list``/``status``, no registry): they join the in-process side to
+balance the two (checked too).
 With explicit test paths in the arguments (``make test PYTEST_ARGS=tests/test_engine.py``) or
 ``QEDFUSE_SERIAL=1``, one plain pytest runs instead.  Exit status: the worse of the two.
 """
@@ -29,6 +32,13 @@ SHARED_STATE = re.compile(
     r"mounted\(|require_fuse|fusermount|losetup|umount|systemd|registry|/run/qedfuse"
     r"|[\"']mount[\"']|qemu-storage-daemon|bench"
 )
+#: Files with real mounts that run beside the serial ones: each mounts only its own
+#: images (the SIGKILL/abort kill points: fio writes, kills, remounts, verifies).
+PRIVATE_MOUNTS = ("tests/test_kill.py",)
+#: What a file in PRIVATE_MOUNTS must not mention: machine-wide views of the mounts.
+MACHINE_WIDE = re.compile(
+    r"[\"']list[\"']|[\"']status[\"']|registry|qedfuse_mounts|/run/qedfuse|systemd"
+)
 NO_TESTS = 5  # pytest: nothing collected
 
 
@@ -37,7 +47,13 @@ def split_files() -> tuple[list[str], list[str]]:
     in_process, shared = [], []
     for path in sorted(TESTS.glob("test_*.py")):
         rel = os.path.relpath(path, TESTS.parent)
-        (shared if SHARED_STATE.search(path.read_text()) else in_process).append(rel)
+        source = path.read_text()
+        if rel in PRIVATE_MOUNTS:
+            if MACHINE_WIDE.search(source):
+                raise SystemExit(f"run_suite: {rel} looks at machine-wide mount state now")
+            in_process.append(rel)
+        else:
+            (shared if SHARED_STATE.search(source) else in_process).append(rel)
     return in_process, shared
 
 
@@ -55,8 +71,8 @@ def main(argv: list[str]) -> int:
     base = Path(tempfile.mkdtemp(prefix="qedfuse-tests-"))
     log_path = base / "in-process.log"
     print(
-        f"run_suite: {len(in_process)} in-process files beside {len(shared)} files with real "
-        f"mounts, one process each (QEDFUSE_SERIAL=1 runs one); "
+        f"run_suite: {len(in_process)} in-process and private-mount files beside {len(shared)} "
+        f"files with shared mounts, one process each (QEDFUSE_SERIAL=1 runs one); "
         f"QEDFUSE_SAMPLE_SEED={env['QEDFUSE_SAMPLE_SEED']}",
         flush=True,
     )
