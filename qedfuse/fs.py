@@ -399,6 +399,11 @@ class QedFS(pyfuse3.Operations):
         if room <= 0:
             raise FUSEError(errno.ENOSPC)
         n = min(len(buf), room)
+        direct = self._open.get(fh, 0) & os.O_DIRECT and self.cache is not CacheMode.NONE
+        if n < len(buf) and direct:
+            # The kernel's O_DIRECT path (async_dio) turns a short count into EIO, which says
+            # "media error": answer what it is, and write nothing of this request.
+            raise FUSEError(errno.ENOSPC)
         await self.image.write(off, memoryview(buf)[:n] if n < len(buf) else buf)
         self.writes += 1
         self.bytes_written += n
