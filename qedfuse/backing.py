@@ -25,10 +25,11 @@ import re
 from dataclasses import dataclass, replace
 
 from qedfuse import format as fmt
-from qedfuse.engine import GuestSource, OpenOptions, QedImage, open_image, read_backing_name
+from qedfuse.engine import GuestSource, OpenOptions, QedImage, open_image
 from qedfuse.errors import BackingFileError, LockError, QedError
 from qedfuse.imagefile import BlockFile, FileImage, open_file
 from qedfuse.locking import LockMode, lock_image
+from qedfuse.tables import read_backing_name
 
 MAX_CHAIN_DEPTH = 16
 _PROTOCOL_RE = re.compile(rb"^[A-Za-z][A-Za-z0-9+.\-]*:")
@@ -155,7 +156,7 @@ async def _open_qed(
     backing: GuestSource | None = None
     try:
         _claim(fd, path, seen, lock_mode if lock else None)
-        from qedfuse.engine import read_header
+        from qedfuse.tables import read_header
 
         header, _, _ = await read_header(file)
         name = await read_backing_name(file, header)
@@ -257,7 +258,7 @@ async def backing_chain(path: str) -> list[tuple[str, str]]:
             chain.append((current, fmt_name))
             if fmt_name != "qed":
                 break
-            from qedfuse.engine import read_header
+            from qedfuse.tables import read_header
 
             header, _, _ = await read_header(file)
             name = await read_backing_name(file, header)
@@ -288,7 +289,7 @@ async def lock_backing_chain(path: str, *, force_share: bool) -> list[FileImage]
     file or block device, a loop, too deep, a bad header): the command does not need it.
     Only a lock conflict is an error.  Returns the locked files; the caller closes them.
     """
-    from qedfuse.engine import read_header
+    from qedfuse.tables import read_header
 
     files: list[FileImage] = []
     seen: set[tuple[int, int]] = set()

@@ -92,8 +92,15 @@ from typing import TYPE_CHECKING, Final, Literal
 import trio
 
 from qedfuse import format as fmt
-from qedfuse.engine import read_header
 from qedfuse.errors import QedError, ReadOnlyError
+from qedfuse.tables import (
+    PAGE_ENTRIES,
+    page_runs,
+    read_header,
+    read_table,
+    read_table_bytes,
+    write_header,
+)
 
 if TYPE_CHECKING:
     from qedfuse.imagefile import BlockFile
@@ -118,7 +125,6 @@ DUPLICATE_MODES: Final = ("copy", "unmap")
 _REPAIR_MODES: Final = {"leaks", "all"}
 _CHUNK: Final = 1 << 16  # bitmap bytes handled at once when counting
 _COPY_CHUNK: Final = 1 << 20  # bytes of a cluster copied at once
-_ENTRIES_PER_PAGE: Final = 512  # table entries per 4 KiB page (tables are page aligned)
 
 
 class RepairLimitError(QedError):
@@ -139,7 +145,7 @@ def _human(size: int) -> str:
     raise AssertionError("unreachable")
 
 
-_ZERO_PAGE: Final = bytes(8 * _ENTRIES_PER_PAGE)
+_ZERO_PAGE: Final = bytes(8 * PAGE_ENTRIES)
 
 
 def _nonzero_page_indices(raw: bytes, n_entries: int) -> Iterator[int]:
@@ -149,7 +155,7 @@ def _nonzero_page_indices(raw: bytes, n_entries: int) -> Iterator[int]:
     for start in range(0, len(raw), page):
         if raw[start : start + page] != _ZERO_PAGE:
             first = start // 8
-            yield from range(first, min(n_entries, first + _ENTRIES_PER_PAGE))
+            yield from range(first, min(n_entries, first + PAGE_ENTRIES))
 
 
 def _zeroed_bitmap(n_bytes: int) -> bytearray | mmap.mmap:
@@ -394,8 +400,7 @@ class _Pass:
             return
         features = self.header.features | fmt.Feature.NEED_CHECK
         self.header = self.header.replace(features=features)
-        await self.file.pwrite(0, self.header.pack())
-        await self.file.fdatasync()
+        await write_header(self.file, self.header)
         self.need_check_on_disk = True
 
     async def _repair_write(self, offset: int, data: bytes) -> None:
@@ -408,16 +413,7 @@ class _Pass:
 
         A changed entry was non-zero, so its page is already stored: the repair of a
         sparse table allocates no new space (rewriting whole 16 MiB tables would)."""
-        ordered = sorted(pages)
-        k = 0
-        while k < len(ordered):
-            first = last = ordered[k]
-            while k + 1 < len(ordered) and ordered[k + 1] == last + 1:
-                k += 1
-                last = ordered[k]
-            k += 1
-            start = first * _ENTRIES_PER_PAGE
-            stop = min(len(entries), (last + 1) * _ENTRIES_PER_PAGE)
+        for start, stop in page_runs(pages, len(entries)):
             await self._repair_write(
                 table_offset + 8 * start, fmt.encode_table(entries, start, stop)
             )
@@ -444,7 +440,7 @@ class _Pass:
             )
         l1_offset = self.header.l1_table_offset
         try:
-            raw_l1 = await self.file.pread(l1_offset, geo.table_bytes)
+            raw_l1 = await read_table_bytes(self.file, l1_offset, geo)
         except OSError as exc:
             self.check_errors += 1
             self.note(f"cannot read the L1 table at {l1_offset:#x}: {exc}")
@@ -479,7 +475,7 @@ class _Pass:
                 )
             if repair:
                 l1[l1_index] = fmt.UNALLOCATED
-                l1_changed.add(l1_index // _ENTRIES_PER_PAGE)
+                l1_changed.add(l1_index // PAGE_ENTRIES)
                 self.corruptions_fixed += n_bad
                 self.note(f"L1 entry {l1_index}: {problem}; repaired: entry zeroed")
             else:
@@ -505,7 +501,7 @@ class _Pass:
         cs = self.cs
         await trio.lowlevel.checkpoint()  # inline preads do not yield: let signals in
         try:
-            raw = await self.file.pread(table_offset, geo.table_bytes)
+            raw = await read_table_bytes(self.file, table_offset, geo)
         except OSError as exc:
             self.check_errors += 1
             self.note(f"cannot read the L2 table at {table_offset:#x} (L1 entry {l1_index}): {exc}")
@@ -547,7 +543,7 @@ class _Pass:
             )
             if repair:
                 entries[l2_index] = fmt.UNALLOCATED
-                changed.add(l2_index // _ENTRIES_PER_PAGE)
+                changed.add(l2_index // PAGE_ENTRIES)
                 self.corruptions_fixed += 1
                 self.note(f"{where}: {problem}; repaired: entry zeroed")
             else:
@@ -704,9 +700,7 @@ class _Pass:
         await self.file.fdatasync()
         for table_offset, changes in copies.items():
             try:
-                entries = fmt.decode_table(
-                    await self.file.pread(table_offset, self.geo.table_bytes)
-                )
+                entries = await read_table(self.file, table_offset, self.geo)
             except OSError as exc:
                 self.check_errors += 1
                 self.corruptions += len(changes)
@@ -716,7 +710,7 @@ class _Pass:
             pages: set[int] = set()
             for l2_index, offset, new_offset in changes:
                 entries[l2_index] = new_offset
-                pages.add(l2_index // _ENTRIES_PER_PAGE)
+                pages.add(l2_index // PAGE_ENTRIES)
                 self.corruptions_fixed += 1
                 self.note(
                     f"L2 table {table_offset:#x} entry {l2_index} "
@@ -811,8 +805,7 @@ async def check_image(
     if fixing and final.need_check_on_disk and final.corruptions == 0 and final.check_errors == 0:
         await file.fdatasync()
         clean = final.header.replace(features=final.header.features & ~fmt.Feature.NEED_CHECK)
-        await file.pwrite(0, clean.pack())
-        await file.fdatasync()
+        await write_header(file, clean)
         final.need_check_on_disk = False
         final.header = clean
     return _report(first, final, final.header)

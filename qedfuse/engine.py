@@ -65,10 +65,8 @@ from __future__ import annotations
 import enum
 import errno
 import logging
-import mmap
 import time
 from array import array
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -79,22 +77,35 @@ from qedfuse import format as fmt
 from qedfuse.errors import (
     CorruptionError,
     FailsafeError,
-    FormatError,
-    LimitError,
     OutOfRangeError,
     QedError,
     ReadOnlyError,
 )
+from qedfuse.l2cache import (
+    MAX_CONTESTED,
+    ClusterBitmap,
+    L2Cache,
+    L2Table,
+    validate_l1,
+    validate_l2,
+)
 from qedfuse.records import StatsRecord
+from qedfuse.tables import (
+    PAGE_ENTRIES,
+    PAGE_SIZE,
+    page_runs,
+    read_header,
+    read_table,
+    read_table_bytes,
+    write_header,
+)
+from qedfuse.writeplan import WriteKind, plan_write
 
 if TYPE_CHECKING:
     from qedfuse.imagefile import BlockFile, Buffer
 
 log = logging.getLogger(__name__)
 
-#: Entries per dirty-tracking page (4 KiB of table).
-PAGE_ENTRIES = 512
-PAGE_SIZE = PAGE_ENTRIES * 8
 DEFAULT_CACHE_SIZE = 8 * 1024 * 1024
 #: Largest chunk write_zeroes hands to the write path at once.
 ZERO_CHUNK_SIZE = 4 * 1024 * 1024
@@ -103,47 +114,8 @@ _ZERO_CHUNK = bytes(ZERO_CHUNK_SIZE)
 NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 #: L1 pages compared with what we wrote, per flush (a hostile L1 may use all of them).
 MAX_VERIFY_PAGES = 16
-#: Largest image file (in clusters) the engine tracks: its bitmap is then 512 MiB of address
-#: space (16 TiB files with 4 KiB clusters, 256 TiB with 64 KiB).
-MAX_FILE_CLUSTERS = 1 << 32
 #: A reloaded table keeps its own list of bad entries only up to this many (then: all bad).
 MAX_REMEMBERED_BAD = 64
-#: Host clusters mapped twice that the engine remembers; past this it refuses every write.
-MAX_CONTESTED = 65536
-
-
-class ClusterBitmap:
-    """One bit per host cluster of the file as it was opened: metadata, or referenced data.
-
-    The bits live in an anonymous mapping, so pages never touched cost no memory: a 1 TiB
-    sparse file with 4 KiB clusters reserves 32 MiB of address space, and uses only the pages
-    of the clusters its tables actually reference.
-    """
-
-    def __init__(self, n_clusters: int, cluster_bits: int) -> None:
-        self.n_clusters = n_clusters
-        self.cluster_bits = cluster_bits
-        if n_clusters > MAX_FILE_CLUSTERS:
-            raise LimitError(
-                f"image file too large: {n_clusters} clusters (at most {MAX_FILE_CLUSTERS})"
-            )
-        try:
-            self._bits = mmap.mmap(-1, max(1, -(-n_clusters // 8)))
-        except (OSError, MemoryError, OverflowError) as exc:
-            raise LimitError(f"no memory to track {n_clusters} clusters: {exc}") from None
-
-    def test_and_set(self, offset: int) -> bool:
-        """Mark the cluster at file ``offset`` used; return whether it already was."""
-        k = offset >> self.cluster_bits
-        byte = self._bits[k >> 3]
-        bit = 1 << (k & 7)
-        if byte & bit:
-            return True
-        self._bits[k >> 3] = byte | bit
-        return False
-
-    def close(self) -> None:
-        self._bits.close()
 
 
 class GuestSource(Protocol):
@@ -175,106 +147,6 @@ class Extent:
     pos: int
     length: int
     host_offset: int | None = None
-
-
-class L2Table:
-    """One cached L2 table with dirty tracking."""
-
-    __slots__ = ("bad", "dirty_pages", "entries", "is_new", "offset")
-
-    def __init__(self, offset: int, entries: array[int], bad: set[int], *, is_new: bool) -> None:
-        self.offset = offset
-        self.entries = entries
-        self.bad = bad
-        self.is_new = is_new
-        self.dirty_pages: set[int] = set()
-
-    @property
-    def dirty(self) -> bool:
-        return self.is_new or bool(self.dirty_pages)
-
-    def set_entry(self, index: int, value: int) -> None:
-        self.entries[index] = value
-        self.bad.discard(index)
-        self.dirty_pages.add(index // PAGE_ENTRIES)
-
-
-class L2Cache:
-    """A bounded LRU cache of L2 tables keyed by file offset.  Dirty tables are pinned."""
-
-    def __init__(self, capacity_bytes: int, table_bytes: int) -> None:
-        self.table_bytes = table_bytes
-        # Always room for a couple of tables, whatever the budget.
-        self.capacity = max(2, capacity_bytes // table_bytes)
-        self._tables: OrderedDict[int, L2Table] = OrderedDict()
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, offset: int) -> L2Table | None:
-        table = self._tables.get(offset)
-        if table is not None:
-            self._tables.move_to_end(offset)
-            self.hits += 1
-        return table
-
-    def insert(self, table: L2Table) -> L2Table:
-        """Insert ``table`` unless one with its offset is cached; return the cached one."""
-        existing = self._tables.get(table.offset)
-        if existing is not None:
-            return existing
-        self._tables[table.offset] = table
-        self.misses += 1
-        if len(self._tables) > self.capacity:
-            for offset in [o for o, t in self._tables.items() if not t.dirty]:
-                if len(self._tables) <= self.capacity:
-                    break
-                if offset != table.offset:
-                    del self._tables[offset]
-        return table
-
-    def dirty_tables(self) -> list[L2Table]:
-        return sorted((t for t in self._tables.values() if t.dirty), key=lambda t: t.offset)
-
-    @property
-    def n_dirty(self) -> int:
-        return sum(1 for t in self._tables.values() if t.dirty)
-
-    @property
-    def over_budget(self) -> bool:
-        # n_dirty <= len: the cheap test first (this runs after every write)
-        return len(self._tables) > self.capacity and self.n_dirty > self.capacity
-
-    def clear(self) -> None:
-        self._tables.clear()
-
-    def __len__(self) -> int:
-        return len(self._tables)
-
-    def statistics(self) -> CacheStatistics:
-        """The cache's figures now (for ``qedfuse status``)."""
-        lookups = self.hits + self.misses
-        return CacheStatistics(
-            capacity_tables=self.capacity,
-            table_bytes=self.table_bytes,
-            cached_tables=len(self._tables),
-            dirty_tables=self.n_dirty,
-            hits=self.hits,
-            misses=self.misses,
-            hit_rate=self.hits / lookups if lookups else None,
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class CacheStatistics(StatsRecord):
-    """The L2 cache's figures: size, dirty tables, hits (found cached) and misses (read)."""
-
-    capacity_tables: int
-    table_bytes: int
-    cached_tables: int
-    dirty_tables: int
-    hits: int
-    misses: int
-    hit_rate: float | None  # None before the first lookup
 
 
 @dataclass
@@ -440,33 +312,9 @@ class QedImage:
         self._open_end = self._alloc_end
         self._written_end = self._alloc_end  # end of what our completed pwrites made exist
         self._used = ClusterBitmap(self._open_end >> geo.cluster_bits, geo.cluster_bits)
-        l1_start = self.header.l1_table_offset
-        l1_end = l1_start + geo.table_bytes
-        self._l1_bad: set[int] = set()
-        candidates: list[tuple[int, int]] = []
-        for index, offset in enumerate(l1):
-            if offset == 0:
-                continue
-            if not geo.is_table_offset(offset, self._open_end) or (
-                offset < l1_end and offset + geo.table_bytes > l1_start
-            ):
-                self._l1_bad.add(index)
-            else:
-                candidates.append((offset, index))
-        candidates.sort()
-        # Two L1 entries whose tables overlap are both unusable: writing through one would
-        # change the other's mappings.
-        for k in range(1, len(candidates)):
-            if candidates[k][0] < candidates[k - 1][0] + geo.table_bytes:
-                self._l1_bad.add(candidates[k][1])
-                self._l1_bad.add(candidates[k - 1][1])
-        for offset in range(l1_start, l1_end, geo.cluster_size):
-            self._used.test_and_set(offset)
-        # Overlapping tables are refused above but are still L2 metadata: a data entry
-        # pointing into one must be refused too, not written through.
-        for offset, _index in candidates:
-            for k in range(geo.table_size):
-                self._used.test_and_set(offset + k * geo.cluster_size)
+        self._l1_bad: set[int] = validate_l1(
+            l1, geo, self.header.l1_table_offset, self._open_end, self._used
+        )
         if self._l1_bad:
             log.warning(
                 "%d invalid L1 entries; the guest ranges they map will fail with EIO",
@@ -494,28 +342,14 @@ class QedImage:
         self._l1_unknown_pages = set()
 
     def _validate_l2(self, entries: array[int], keep: int | None = None) -> set[int]:
-        """Indices of invalid data entries in an L2 table read from disk for the first time.
-
-        Bad: misaligned, in the header, at or past the open-time end of the file, in metadata,
-        or a host cluster some other entry already maps (the first mapping seen keeps it).
-        Valid entries are marked in the bitmap.
-        """
-        geo = self.geometry
-        mask = geo.cluster_size - 1
-        low = geo.header_end_offset
-        high = self._open_end
-        used = self._used
-        bad: set[int] = set()
+        """Indices of invalid data entries in an L2 table read from disk for the first time
+        (:func:`~qedfuse.l2cache.validate_l2`); too many contested clusters go failsafe."""
         contested = self._contested
-        for i, e in enumerate(entries):
-            if e > 1 and (e & mask or e < low or e >= high or used.test_and_set(e)):
-                if keep is None or len(bad) < keep:  # a hostile table may be all bad
-                    bad.add(i)
-                if not e & mask and low <= e < high and len(contested) < MAX_CONTESTED:
-                    contested.add(e)  # the other mapping of it is bad as well
-                    if len(contested) == MAX_CONTESTED and not self.read_only:
-                        # Too many to remember: refuse every write instead (memory bound).
-                        self.enter_failsafe(f"over {MAX_CONTESTED} clusters are mapped twice")
+        had_room = len(contested) < MAX_CONTESTED
+        bad = validate_l2(entries, self.geometry, self._open_end, self._used, contested, keep)
+        if had_room and len(contested) == MAX_CONTESTED and not self.read_only:
+            # Too many to remember: refuse every write instead (memory bound).
+            self.enter_failsafe(f"over {MAX_CONTESTED} clusters are mapped twice")
         return bad
 
     # ------------------------------------------------------------------ L2 access
@@ -533,8 +367,7 @@ class QedImage:
         event = trio.Event()
         self._loading[offset] = event
         try:
-            raw = await self.file.pread(offset, self.geometry.table_bytes)
-            entries = fmt.decode_table(raw)
+            entries = await read_table(self.file, offset, self.geometry)
             # An evicted table is clean and every change to it since its check was ours: a
             # table checked once keeps the verdict it had (its entries are in the bitmap).
             if offset in self._checked_l2:
@@ -720,7 +553,7 @@ class QedImage:
             return
         event = self._loading[offset] = trio.Event()
         try:
-            raw = await self.file.pread(offset, self.geometry.table_bytes)
+            raw = await read_table_bytes(self.file, offset, self.geometry)
             if offset not in self._checked_l2:
                 entries = fmt.decode_table(raw)
                 del raw
@@ -779,47 +612,25 @@ class QedImage:
                 assert ext.host_offset is not None
                 await self._write_data(ext.host_offset, view[: ext.length])
                 return ext.length
-            geo = self.geometry
-            cs = geo.cluster_size
             chunk = view[: ext.length]
-            start = geo.cluster_start(pos)
-            end = pos + ext.length
-            n_clusters = geo.clusters_for(end - start)
             # Old contents read as zeros unless they come from a backing image.
             reads_zero = ext.kind is Kind.ZERO or self.backing is None
-            plan: list[int] = []  # per cluster: 0 skip, 1 zero-cluster entry, 2 allocate
-            for k in range(n_clusters):
-                c_start = start + k * cs
-                lo = max(pos, c_start)
-                hi = min(end, c_start + cs)
-                part = chunk[lo - pos : hi - pos]
-                if (
-                    detect
-                    and part[0] == 0
-                    and part[-1] == 0
-                    and bytes(part) == self._zero_cluster[: hi - lo]
-                ):
-                    if reads_zero:
-                        plan.append(0)
-                        continue
-                    if hi - lo == cs:
-                        plan.append(1)
-                        continue
-                plan.append(2)
-            k = 0
-            while k < n_clusters:
-                kind = plan[k]
-                j = k
-                while j < n_clusters and plan[j] == kind:
-                    j += 1
-                if kind == 2:
-                    await self._allocate_and_write(pos, chunk, start + k * cs, j - k, ext.kind)
-                elif kind == 1:
-                    await self._set_entries(start + k * cs, j - k, None)
-                    self.stats.zero_clusters_written += j - k
+            plan = plan_write(
+                pos,
+                chunk,
+                self.geometry.cluster_size,
+                detect_zeroes=detect,
+                reads_zero=reads_zero,
+                zeros=self._zero_cluster,
+            )
+            for kind, run_start, n_clusters in plan:
+                if kind is WriteKind.ALLOCATE:
+                    await self._allocate_and_write(pos, chunk, run_start, n_clusters, ext.kind)
+                elif kind is WriteKind.ZERO_CLUSTER:
+                    await self._set_entries(run_start, n_clusters, None)
+                    self.stats.zero_clusters_written += n_clusters
                 else:
-                    self.stats.zero_writes_skipped += j - k
-                k = j
+                    self.stats.zero_writes_skipped += n_clusters
             return ext.length
 
     async def _allocate_and_write(
@@ -878,7 +689,12 @@ class QedImage:
         """Write the 64-byte struct (never the bytes after it) and sync it.  The engine adopts
         the header once the write is issued: from then on the file may hold it, even if the
         sync fails, and a later header write must not undo it."""
-        await self._meta_pwrite(0, header.pack())
+        try:
+            await write_header(self.file, header, sync=False)
+        except OSError as exc:
+            if exc.errno in NO_SPACE_ERRNOS:
+                self._refused_write = True  # as _meta_pwrite does
+            raise
         self.header = header
         await self._datasync()
 
@@ -1118,16 +934,9 @@ class QedImage:
         if pages is None:
             await self._meta_pwrite(offset, fmt.encode_table(entries))
             return
-        ordered = sorted(pages)
-        k = 0
-        while k < len(ordered):
-            j = k
-            while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
-                j += 1
-            start = ordered[k] * PAGE_ENTRIES
-            stop = min(len(entries), (ordered[j] + 1) * PAGE_ENTRIES)
+        for start, stop in page_runs(pages, len(entries)):
             data = fmt.encode_table(entries, start, stop)
-            run = range(ordered[k], ordered[j] + 1)
+            run = range(start // PAGE_ENTRIES, -(-stop // PAGE_ENTRIES))
             if disk_copy is not None:
                 self._l1_unknown_pages.update(run)
             await self._meta_pwrite(offset + start * 8, data)
@@ -1135,7 +944,6 @@ class QedImage:
                 disk_copy[start * 8 : stop * 8] = data
                 self._l1_used_pages.update(run)
                 self._l1_unknown_pages.difference_update(run)
-            k = j + 1
 
     async def _enter_failsafe(self, reason: str) -> None:
         """Stop writing; drop cached metadata and show what is on disk."""
@@ -1144,7 +952,7 @@ class QedImage:
             self.failsafe_reason = reason
         self._cache.clear()
         try:
-            raw = await self.file.pread(self.header.l1_table_offset, self.geometry.table_bytes)
+            raw = await read_table_bytes(self.file, self.header.l1_table_offset, self.geometry)
             self._reinstall_l1(raw)
         except OSError as exc:
             log.error("could not re-read L1 after failure: %s; every range now fails", exc)
@@ -1302,60 +1110,6 @@ class QedImage:
         )
 
 
-async def read_header(file: BlockFile) -> tuple[fmt.Header, fmt.Geometry, int]:
-    """Read and validate the header; return it with its geometry and the file size."""
-    file_size = await file.size()
-    header = fmt.Header.unpack(await file.pread(0, fmt.HEADER_STRUCT_SIZE))
-    geometry = fmt.validate_header(header, file_size)
-    return header, geometry, file_size
-
-
-async def read_backing_name(file: BlockFile, header: fmt.Header) -> bytes | None:
-    """The backing file name stored in the image, or None."""
-    if not header.has_backing_file:
-        return None
-    return await file.pread(header.backing_filename_offset, header.backing_filename_size)
-
-
-async def create_image(
-    file: BlockFile,
-    image_size: int,
-    *,
-    cluster_size: int = fmt.DEFAULT_CLUSTER_SIZE,
-    table_size: int = fmt.DEFAULT_TABLE_SIZE,
-    backing_name: bytes = b"",
-    backing_raw: bool = False,
-) -> fmt.Header:
-    """Write a new, empty image on ``file`` (truncated first), laid out as QEMU does."""
-    geometry = fmt.check_create_params(image_size, cluster_size, table_size)
-    if len(backing_name) > fmt.MAX_BACKING_NAME_SIZE:
-        raise FormatError(
-            f"backing file name of {len(backing_name)} bytes is too long (QEMU and qedfuse "
-            f"read at most {fmt.MAX_BACKING_NAME_SIZE})"
-        )
-    if fmt.HEADER_STRUCT_SIZE + len(backing_name) > cluster_size:
-        raise FormatError(
-            f"backing file name of {len(backing_name)} bytes does not fit in the header cluster"
-        )
-    header = fmt.new_header(
-        image_size,
-        cluster_size=cluster_size,
-        table_size=table_size,
-        backing_name=backing_name,
-        backing_raw=backing_raw,
-    )
-    # Never write a header our own open (QEMU's checks) would refuse.
-    try:
-        fmt.validate_header(header, header.l1_table_offset + geometry.table_bytes)
-    except FormatError as exc:
-        raise FormatError(f"the new image would not open: {exc}") from exc
-    await file.ftruncate(0)
-    await file.pwrite(0, header.pack() + backing_name)
-    await file.pwrite(header.l1_table_offset, bytes(geometry.table_bytes))
-    await file.fdatasync()
-    return header
-
-
 async def open_image(
     file: BlockFile,
     *,
@@ -1375,8 +1129,7 @@ async def open_image(
     header, geometry, file_size = await read_header(file)
     if not read_only and header.autoclear_features:
         header = header.replace(autoclear_features=0)
-        await file.pwrite(0, header.pack())
-        await file.fdatasync()
+        await write_header(file, header)
     unrepaired = 0
     if not read_only and header.need_check and options.repair_on_open:
         from qedfuse.check import check_image
@@ -1390,12 +1143,12 @@ async def open_image(
         log.warning("image had NEED_CHECK set; repaired on open: %s", report.summary_line())
         header, geometry, file_size = await read_header(file)
         unrepaired = report.corruptions
-    raw_l1 = await file.pread(header.l1_table_offset, geometry.table_bytes)
+    l1 = await read_table(file, header.l1_table_offset, geometry)
     image = QedImage(
         file,
         header,
         geometry,
-        fmt.decode_table(raw_l1),
+        l1,
         file_size,
         read_only=read_only,
         backing=backing,
@@ -1414,8 +1167,5 @@ __all__ = [
     "Kind",
     "OpenOptions",
     "QedImage",
-    "create_image",
     "open_image",
-    "read_backing_name",
-    "read_header",
 ]

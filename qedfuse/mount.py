@@ -1042,8 +1042,8 @@ def overlay_backing_name(new_path: str, base_path: str) -> str:
 
 async def _create_overlay(new_path: str, base_path: str) -> None:
     """Create ``new_path`` (must not exist) as an empty QED overlay of ``base_path``."""
-    from qedfuse.engine import create_image, read_header
     from qedfuse.imagefile import FileImage
+    from qedfuse.tables import create_image, read_header
 
     try:
         base = FileImage.open(base_path, read_only=True)

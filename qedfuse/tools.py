@@ -38,14 +38,12 @@ from qedfuse.engine import (
     Kind,
     OpenOptions,
     QedImage,
-    create_image,
     open_image,
-    read_backing_name,
-    read_header,
 )
 from qedfuse.errors import BackingFileError, LockError, QedError, UsageError, UserError
 from qedfuse.imagefile import BlockFile, FileImage, open_file
 from qedfuse.locking import LockMode, lock_image, with_hint
+from qedfuse.tables import create_image, read_backing_name, read_header
 
 if TYPE_CHECKING:
     from qedfuse.check import CheckReport, DuplicateMode

@@ -36,7 +36,7 @@ from typing import Any
 
 import trio
 
-from qedfuse import engine
+from qedfuse import engine, tables
 from qedfuse import format as fmt
 from qedfuse.errors import CorruptionError, FormatError, QedError
 from qedfuse.imagefile import BlockFile, Buffer, MemoryImage
@@ -920,7 +920,7 @@ async def record_workload(
     ``("write", pos, size)`` with an int third item writes :func:`pattern` data.
     """
     mem = MemoryImage()
-    await engine.create_image(
+    await tables.create_image(
         mem,
         image_size,
         cluster_size=cluster_size,

@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 import trio
 
 from qedfuse.check import check_image
-from qedfuse.engine import OpenOptions, QedImage, create_image, open_image
+from qedfuse.engine import OpenOptions, QedImage, open_image
 from qedfuse.imagefile import BlockFile, Buffer, MemoryImage
+from qedfuse.tables import create_image
 
 KiB = 1024
 MiB = 1024 * KiB

@@ -41,7 +41,7 @@ if __name__ == "__main__":  # run as a script: make `qedfuse` and the test helpe
 import trio
 from qededit import HEADER_FIELDS
 
-from qedfuse import engine
+from qedfuse import engine, tables
 from qedfuse import format as fmt
 from qedfuse.check import check_image
 from qedfuse.errors import QedError
@@ -726,7 +726,7 @@ async def valid_images() -> list[tuple[str, bytes]]:
     for cs, ts, size in ((4096, 2, 8 * MiB), (4096, 1, 4 * MiB), (8192, 4, 64 * MiB)):
         for variant in range(2):
             mem = MemoryImage()
-            await engine.create_image(mem, size, cluster_size=cs, table_size=ts)
+            await tables.create_image(mem, size, cluster_size=cs, table_size=ts)
             img = await engine.open_image(mem)
             rng = random.Random(cs + ts + variant)
             for k in range(6 + 6 * variant):

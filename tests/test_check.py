@@ -30,9 +30,10 @@ import trio
 from qedfuse import check as check_mod
 from qedfuse import format as fmt
 from qedfuse.check import CheckReport, check_image
-from qedfuse.engine import create_image, open_image
+from qedfuse.engine import open_image
 from qedfuse.errors import CorruptionError, FormatError, QedError, ReadOnlyError
 from qedfuse.imagefile import Buffer, FileImage, MemoryImage
+from qedfuse.tables import create_image
 from support import describe, require_tool, run
 
 KiB = 1024

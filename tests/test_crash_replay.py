@@ -32,8 +32,9 @@ import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
 
-from qedfuse import engine
+from qedfuse import engine, tables
 from qedfuse.check import check_image
+from qedfuse.errors import FormatError
 from qedfuse.imagefile import MemoryImage
 from support import check_ok, require_tool, run
 
@@ -133,7 +134,7 @@ def assert_no_violations(figures: cs.Figures) -> None:
 async def test_a7_exact_write_order_of_one_allocating_write_and_flush() -> None:
     """NEED_CHECK set+F first; then data, L2 space ≺ F ≺ L2 ≺ F ≺ L1 ≺ F ≺ header ≺ F."""
     mem = MemoryImage()
-    header = await engine.create_image(mem, IMAGE_SIZE, cluster_size=CL, table_size=2)
+    header = await tables.create_image(mem, IMAGE_SIZE, cluster_size=CL, table_size=2)
     rec = cs.RecordingBackend(mem)
     img = await engine.open_image(rec)
     data = cs.pattern(1, 1000)
@@ -641,7 +642,7 @@ async def test_repair_is_crash_safe(request: pytest.FixtureRequest) -> None:
         rec = cs.RecordingBackend(mem)
         try:
             await check_image(rec, repair=True)
-        except engine.FormatError:
+        except FormatError:
             continue  # garbage destroyed the header: nothing to repair
         if not rec.log:
             continue

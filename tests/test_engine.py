@@ -36,7 +36,7 @@ from enginehelpers import (
 )
 
 from qedfuse import format as fmt
-from qedfuse.engine import Extent, Kind, OpenOptions, QedImage, create_image, open_image
+from qedfuse.engine import Extent, Kind, OpenOptions, QedImage, open_image
 from qedfuse.errors import (
     CorruptionError,
     FailsafeError,
@@ -46,6 +46,7 @@ from qedfuse.errors import (
     ReadOnlyError,
 )
 from qedfuse.imagefile import MemoryImage
+from qedfuse.tables import create_image
 
 FEATURES_OFFSET = 16
 NEED_CHECK = int(fmt.Feature.NEED_CHECK)

@@ -35,7 +35,7 @@ import crashsim as cs
 import pytest
 import trio
 
-from qedfuse import engine
+from qedfuse import engine, tables
 from qedfuse import format as fmt
 from qedfuse.check import check_image
 from qedfuse.errors import FormatError, QedError
@@ -242,7 +242,7 @@ async def run_point(
         try:
             with trio.fail_after(10):
                 if kind == "create":
-                    await engine.create_image(faulty, SIZE, cluster_size=CL, table_size=table_size)
+                    await tables.create_image(faulty, SIZE, cluster_size=CL, table_size=table_size)
                 elif kind == "open":
                     img = await engine.open_image(faulty)
                 elif kind == "write":
@@ -532,7 +532,7 @@ def test_harness_catches_phantom_data(monkeypatch: pytest.MonkeyPatch) -> None:
 async def test_failed_l2_write_shows_no_phantom_data() -> None:
     """QEMU's l2_update case (reliability.md §2.1): the read after the failure is old data."""
     mem = MemoryImage()
-    await engine.create_image(mem, SIZE, cluster_size=CL, table_size=2)
+    await tables.create_image(mem, SIZE, cluster_size=CL, table_size=2)
     # pwrite #1 sets NEED_CHECK, #2 is the data, #3 takes the new L2 table's space (zeros),
     # #4 writes its entries (in the flush)
     faulty = cs.FaultyBackend(mem, "pwrite", 4, lambda: OSError(errno.EIO, "injected"))
@@ -555,7 +555,7 @@ async def test_failed_resize_sync_leaves_engine_and_file_agreeing() -> None:
     shrinks the image back."""
     mem = MemoryImage()
     faulty = cs.FaultyBackend(mem)
-    await engine.create_image(faulty, SIZE, cluster_size=CL, table_size=2)
+    await tables.create_image(faulty, SIZE, cluster_size=CL, table_size=2)
     img = await engine.open_image(faulty)
     faulty.fail_op = "fdatasync"
     faulty.fail_at = faulty.counts["fdatasync"] + 1  # the sync after the size update

@@ -6,8 +6,9 @@ import trio
 import trio.testing
 
 from qedfuse import format as fmt
-from qedfuse.engine import create_image, open_image
+from qedfuse.engine import open_image
 from qedfuse.imagefile import MemoryImage
+from qedfuse.tables import create_image
 
 
 def need_check_on_disk(file: MemoryImage) -> bool:

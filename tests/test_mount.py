@@ -39,10 +39,11 @@ from fusehelpers import (
 )
 from pyfuse3 import FUSEError
 
-from qedfuse.engine import QedImage, create_image, open_image
+from qedfuse.engine import QedImage, open_image
 from qedfuse.errors import CorruptionError, ReadOnlyError
 from qedfuse.fs import FILE_INODE, ROOT_INODE, QedFS, raw_file_name
 from qedfuse.imagefile import MemoryImage
+from qedfuse.tables import create_image
 from support import check_ok, require_tool, run
 
 MiB = 1024 * 1024

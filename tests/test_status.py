@@ -533,8 +533,9 @@ def test_detached_daemon_says_where_it_logs(tmp_path: Path, syslog: bool) -> Non
 @pytest.mark.parametrize("seed", range(6))
 async def test_engine_records_count_exactly(tmp_path: Path, seed: int) -> None:
     """The engine, cache and I/O records against a model: random writes, then a flush."""
-    from qedfuse.engine import create_image, open_image
+    from qedfuse.engine import open_image
     from qedfuse.imagefile import FileImage, io_statistics
+    from qedfuse.tables import create_image
 
     rng = random.Random(seed)
     cs, l2_span = 4096, 1024 * 4096  # table_size=2: one L2 table maps 4 MiB
