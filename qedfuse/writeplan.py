@@ -9,7 +9,7 @@ cluster: :func:`plan_write` says, per run of clusters, which of the three
 from __future__ import annotations
 
 import enum
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 
 class WriteKind(enum.Enum):
@@ -23,6 +23,12 @@ class WriteKind(enum.Enum):
     ZERO_CLUSTER = "zero-cluster"
     #: Anything else: allocate a data cluster and write it (with the copy-on-write fill).
     ALLOCATE = "allocate"
+
+
+# Module-level aliases: an enum member lookup costs ~40 ns each, on the write path.
+_SKIP: Final = WriteKind.SKIP
+_ZERO_CLUSTER: Final = WriteKind.ZERO_CLUSTER
+_ALLOCATE: Final = WriteKind.ALLOCATE
 
 
 class PlanRun(NamedTuple):
@@ -63,12 +69,12 @@ def plan_write(
         part = data[lo - pos : hi - pos]
         if detect_zeroes and part[0] == 0 and part[-1] == 0 and bytes(part) == zeros[: hi - lo]:
             if reads_zero:
-                kinds.append(WriteKind.SKIP)
+                kinds.append(_SKIP)
                 continue
             if hi - lo == cluster_size:
-                kinds.append(WriteKind.ZERO_CLUSTER)
+                kinds.append(_ZERO_CLUSTER)
                 continue
-        kinds.append(WriteKind.ALLOCATE)
+        kinds.append(_ALLOCATE)
     runs: list[PlanRun] = []
     k = 0
     while k < n_clusters:
