@@ -1,7 +1,9 @@
 """Consistency check and repair of a QED image (``qedfuse check``, repair on a dirty open).
 
-The check works on the image file alone (a :class:`~qedfuse.imagefile.BlockFile`), never
-through the engine's cache.  It classifies problems as QEMU 7.2's ``qemu-img check`` does:
+The check works on the image file alone (a :class:`~qedfuse.imagefile.BlockFile`, read and
+written through :mod:`qedfuse.tables`), never through the engine's cache (over 600 lines: the
+walk, its repairs and their bounds are one algorithm over one cluster bitmap).  It
+classifies problems as QEMU 7.2's ``qemu-img check`` does:
 
 * **corruption**: an L1 entry that is not a valid L2 table offset (unaligned, inside the
   header, table running past the end of the file) or whose table overlaps the header, the

@@ -2,6 +2,10 @@
 
 Reads and writes guest byte ranges of a QED image through an in-memory L1 table and a
 bounded cache of L2 tables.  All file access goes through a :class:`~qedfuse.imagefile.BlockFile`.
+The cached tables and their validation are :mod:`qedfuse.l2cache`'s, the header and table
+I/O :mod:`qedfuse.tables`', the per-cluster write plan :mod:`qedfuse.writeplan`'s.  Over 600
+lines because the read, write, flush and failsafe paths share one allocation lock and one
+cached state, and splitting them would spread that invariant over several files.
 
 Durability protocol (the project's design, stricter than QEMU's write-through order)
 ------------------------------------------------------------------------------------
