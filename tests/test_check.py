@@ -1146,6 +1146,7 @@ def _corrupt_for_open(path: Path) -> None:
 
 
 @pytest.mark.qemu
+@pytest.mark.expect_log(r"^image had NEED_CHECK set; repaired on open: 2 corruptions fixed")
 async def test_engine_read_write_open_repairs(tmp_path: Path, base_images: dict[str, Path]) -> None:
     path = tmp_path / "open.qed"
     shutil.copyfile(base_images["small"], path)
@@ -1167,6 +1168,7 @@ async def test_engine_read_write_open_repairs(tmp_path: Path, base_images: dict[
 
 
 @pytest.mark.qemu
+@pytest.mark.expect_log(r"^L2 table at 0x8000 has 1 invalid entries$")
 async def test_engine_read_only_open_writes_nothing(
     tmp_path: Path, base_images: dict[str, Path]
 ) -> None:
@@ -1187,6 +1189,7 @@ async def test_engine_read_only_open_writes_nothing(
     assert (await our_check(path)).corruptions == 2
 
 
+@pytest.mark.expect_log(r"^image had NEED_CHECK set; repaired on open: 5 leaked clusters reclaimed")
 async def test_engine_crash_leftovers_reclaimed_on_open() -> None:
     """Unflushed allocations after a crash are trailing leaks: the next open reclaims them."""
     memory = MemoryImage()
@@ -1213,6 +1216,7 @@ async def test_engine_crash_leftovers_reclaimed_on_open() -> None:
 
 
 @pytest.mark.qemu
+@pytest.mark.expect_log(r"^image had NEED_CHECK set; repaired on open: ")
 async def test_qemu_open_time_repair_agrees(tmp_path: Path, base_images: dict[str, Path]) -> None:
     """NEED_CHECK + an invalid entry: qemu-io's automatic repair and ours end up the same."""
     ours_path = tmp_path / "ours.qed"
