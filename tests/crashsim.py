@@ -861,7 +861,7 @@ async def check_state(
             await rw.close()
         with trio.fail_after(STEP_TIMEOUT):
             after = await check(MemoryImage(mem.data), False)
-        if _corruptions(after) or fmt.Header.unpack(mem.data).need_check:
+        if _corruptions(after) or fmt.Header.unpack(bytes(mem.data)).need_check:
             v.append(Violation("repair_fail", f"after repair and close: {after}"))
         result.repaired = bytes(mem.data)
     except FormatError as exc:

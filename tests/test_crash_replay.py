@@ -33,7 +33,9 @@ import trio
 from hypothesis import HealthCheck, given, settings
 
 from qedfuse import engine
+from qedfuse import format as fmt
 from qedfuse.check import check_image
+from qedfuse.errors import FormatError
 from qedfuse.imagefile import MemoryImage
 from support import check_ok, require_tool, run
 
@@ -587,7 +589,7 @@ async def test_a6_qemu_made_crash_images(request: pytest.FixtureRequest, tmp_pat
         path = tmp_path / f"crash{k}.qed"
         opts = rng.choice(["cluster_size=4096,table_size=2", "cluster_size=65536,table_size=4"])
         check_ok(run([qemu_img, "create", "-q", "-f", "qed", "-o", opts, path, "64M"]))
-        args = [qemu_io]
+        args: list[str | Path] = [qemu_io]
         for n in range(rng.randint(1, 4)):
             pos = rng.randrange(0, 64 * MIB - 200_000) // 512 * 512
             size = rng.choice([512, 4096, 65536, 100_000 // 512 * 512])
@@ -598,11 +600,11 @@ async def test_a6_qemu_made_crash_images(request: pytest.FixtureRequest, tmp_pat
         raw = path.with_suffix(".raw")
         check_ok(run([qemu_img, "convert", "-f", "qed", "-O", "raw", path, raw]))
         data = path.read_bytes()
-        if engine.fmt.Header.unpack(data).need_check:
+        if fmt.Header.unpack(data).need_check:
             n_need_check += 1
         mem = MemoryImage(data)
         img = await engine.open_image(mem)  # repairs
-        assert not engine.fmt.Header.unpack(mem.data).need_check
+        assert not fmt.Header.unpack(bytes(mem.data)).need_check
         assert await img.read(0, img.image_size) == raw.read_bytes(), k
         await img.close()
         raw.unlink()
@@ -633,15 +635,15 @@ async def test_repair_is_crash_safe(request: pytest.FixtureRequest) -> None:
         for state in cs.crash_states(
             recording.initial, recording.log, initial_acked=recording.initial_acked
         ):
-            header = engine.fmt.Header.unpack(state.data)
-            if header.magic == engine.fmt.QED_MAGIC and header.need_check:
+            header = fmt.Header.unpack(state.data)
+            if header.magic == fmt.QED_MAGIC and header.need_check:
                 candidates.append((recording, state))
     for recording, state in candidates[::4][:400]:
         mem = MemoryImage(state.data)
         rec = cs.RecordingBackend(mem)
         try:
             await check_image(rec, repair=True)
-        except engine.FormatError:
+        except FormatError:
             continue  # garbage destroyed the header: nothing to repair
         if not rec.log:
             continue
@@ -807,7 +809,7 @@ def install_mutant(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
         real = self.file
         l1 = self.header.l1_table_offset
         proxy = _MutantFile(real, mode, (l1, l1 + self.geometry.table_bytes))
-        self.file = proxy  # type: ignore[assignment]
+        self.file = proxy
         try:
             await original(self)
             await proxy.finish()

@@ -346,7 +346,7 @@ async def _after_error(
     p = result.problems
     flush_failed = img.failsafe or kind in ("flush", "close", "resize")
     if img.failsafe and dirty_before:
-        header = fmt.Header.unpack(mem.data)
+        header = fmt.Header.unpack(bytes(mem.data))
         if not header.need_check:
             ref = cs.reference_check(bytes(mem.data))
             if ref.corruptions or ref.leaks:
@@ -542,7 +542,7 @@ async def test_failed_l2_write_shows_no_phantom_data() -> None:
         await img.flush()
     assert img.failsafe
     assert await img.read(64 * 1024, CL) == bytes(CL)
-    assert fmt.Header.unpack(mem.data).need_check
+    assert fmt.Header.unpack(bytes(mem.data)).need_check
     await img.close()
     report = await check_image(MemoryImage(mem.data), repair=True)
     assert report.corruptions == 0
@@ -562,8 +562,8 @@ async def test_failed_resize_sync_leaves_engine_and_file_agreeing() -> None:
     faulty.make_exc = lambda: OSError(errno.EIO, "injected")
     with pytest.raises(OSError, match="injected"):
         await img.resize(SIZE + MIB)
-    on_file = fmt.Header.unpack(mem.data).image_size
+    on_file = fmt.Header.unpack(bytes(mem.data)).image_size
     assert img.image_size == on_file
     await img.write(0, b"x" * CL)  # sets NEED_CHECK: rewrites the header struct
     await img.close()
-    assert fmt.Header.unpack(mem.data).image_size == on_file
+    assert fmt.Header.unpack(bytes(mem.data)).image_size == on_file

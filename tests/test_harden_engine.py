@@ -519,7 +519,7 @@ async def _mutate(img: QedImage, mutation: str) -> None:
         async def gone() -> bool:
             return False
 
-        img.file.still_named = gone  # type: ignore[union-attr]
+        img.file.still_named = gone  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("mutation", MUTATIONS)

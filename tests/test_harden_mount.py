@@ -263,18 +263,18 @@ async def test_fsync_for_lack_of_space_says_enospc(op: str) -> None:
     memory = MemoryImage()
     await create_image(memory, 4 * MiB, cluster_size=4096, table_size=1)
     file = _NoSpaceOnce(memory)
-    image = await open_image(file)  # type: ignore[arg-type]
+    image = await open_image(file)
     fs = QedFS(image, file_name="d.raw", image_path="/nonexistent/d.qed")
     await image.write(8192, b"\x42" * 4096)
     file.op = op
     with pytest.raises(FUSEError) as info:
-        await fs.fsync(0, False)  # type: ignore[arg-type]
+        await fs.fsync(0, False)
     assert info.value.errno == errno.ENOSPC
     if op == "pwrite":
-        await fs.fsync(0, False)  # type: ignore[arg-type]
+        await fs.fsync(0, False)
         assert await image.read(8192, 4096) == b"\x42" * 4096
     else:
         with pytest.raises(FUSEError) as info:
-            await fs.fsync(0, False)  # type: ignore[arg-type]
+            await fs.fsync(0, False)
         assert info.value.errno == errno.EIO
     await image.close()

@@ -199,7 +199,7 @@ def test_protocol_backing_names_are_refused() -> None:
         if label not in labels:
             continue
         seen.add(label)
-        header = hc.fmt.Header.unpack(item.data)
+        header = fmt.Header.unpack(item.data)
         raw = item.data[header.backing_filename_offset :][: header.backing_filename_size]
         if label in ("json", "nbd", "nul", "not-utf8"):
             with pytest.raises(BackingFileError) as info:

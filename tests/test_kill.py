@@ -542,7 +542,7 @@ def ext4_round(workdir: Path, rng: random.Random) -> Ext4Run:
                     except subprocess.TimeoutExpired:
                         pass
                     else:
-                        raise AssertionError(f"writer ended early: {writer.stderr.read()}")
+                        raise AssertionError(f"writer ended early: {writer.communicate()[1]}")
                     m.signal(signal.SIGKILL)
                     assert m.wait_exit(DAEMON_DEADLINE_S) == -signal.SIGKILL
                 finally:

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import pyfuse3
 import pytest
@@ -46,7 +47,7 @@ from qedfuse.imagefile import MemoryImage
 from support import check_ok, require_tool, run
 
 MiB = 1024 * 1024
-CTX = None  # handlers never look at the request context
+CTX = cast(pyfuse3.RequestContext, None)  # handlers never look at the request context
 
 
 # ---------------------------------------------------------------------------- in-process
@@ -63,7 +64,7 @@ def _fs(image: QedImage, **kw: object) -> QedFS:
 
 
 @dataclass
-class Fields:
+class _FieldFlags:
     """Stand-in for pyfuse3.SetattrFields (whose attributes are read-only)."""
 
     update_size: bool = False
@@ -73,6 +74,11 @@ class Fields:
     update_atime: bool = False
     update_mtime: bool = False
     update_ctime: bool = False
+
+
+def Fields(**updates: bool) -> pyfuse3.SetattrFields:
+    """A SetattrFields with the given ``update_*`` flags set (the real one is read-only)."""
+    return cast(pyfuse3.SetattrFields, _FieldFlags(**updates))
 
 
 def errno_of(fn: Callable[..., object], *args: object) -> int:

@@ -30,6 +30,7 @@ from fusehelpers import QEDFUSE, daemon_pid, mounted, need_check, pid_alive, qed
 
 from qedfuse import control
 from qedfuse.mount import qedfuse_mounts
+from qedfuse.procfs import process_state
 from support import check_ok, describe, require_fuse, require_tool, run, tools_required
 
 KiB = 1024
@@ -239,7 +240,7 @@ def stopped(pid: int) -> Iterator[None]:
     """SIGSTOP ``pid``; always SIGCONT it again."""
     os.kill(pid, signal.SIGSTOP)
     try:
-        wait_until(lambda: control.process_state(pid) in ("T", "t"), 10, f"pid {pid} to stop")
+        wait_until(lambda: process_state(pid) in ("T", "t"), 10, f"pid {pid} to stop")
         yield
     finally:
         os.kill(pid, signal.SIGCONT)

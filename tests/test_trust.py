@@ -232,7 +232,7 @@ def _variants(answer: dict[str, Any]) -> Iterator[tuple[str, Any]]:
         for key, value in node.items():
             for label, bad in (("missing", None), ("string", "x"), ("list", [1]), ("null", 0)):
                 variant = copy.deepcopy(answer)
-                parent = variant
+                parent: Any = variant
                 for step in path:
                     parent = parent[step]
                 if label == "missing":
@@ -247,12 +247,12 @@ def _variants(answer: dict[str, Any]) -> Iterator[tuple[str, Any]]:
             if isinstance(value, dict):
                 yield from walk(value, [*path, key])
             if isinstance(value, list) and value and isinstance(value[0], dict):
-                for label, bad in (("item missing keys", {}), ("item a string", "x")):
+                for label, bad_item in (("item missing keys", {}), ("item a string", "x")):
                     variant = copy.deepcopy(answer)
                     parent = variant
                     for step in [*path, key]:
                         parent = parent[step]
-                    parent[0] = bad
+                    parent[0] = bad_item
                     yield f"{'.'.join([*path, key])}[0]:{label}", variant
 
     yield from walk(answer, [])
