@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import logcheck
+from qededit import need_check as need_check  # the on-disk NEED_CHECK bit
 
 from qedfuse.mount import find_daemon
 from qedfuse.procfs import process_state
@@ -259,10 +260,3 @@ def loop_device(path: str | os.PathLike[str]) -> Iterator[str]:
             20,
             f"{dev} to be released",
         )
-
-
-def need_check(image: str | os.PathLike[str]) -> bool:
-    """The NEED_CHECK feature bit (0x2 of the 64-bit features at offset 16) on disk."""
-    with open(image, "rb") as f:
-        header = f.read(64)
-    return bool(int.from_bytes(header[16:24], "little") & 0x2)

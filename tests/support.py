@@ -25,6 +25,8 @@ T = TypeVar("T")
 # mkfs.ext4, e2fsck etc. live in sbin, which a non-root user's PATH often lacks.
 _EXTRA_PATH = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 
+PathT = TypeVar("PathT", bound=str | os.PathLike[str])
+
 # Keep assertion messages readable when a tool prints a lot.
 _MAX_OUTPUT = 8000
 
@@ -117,3 +119,11 @@ def sampled(cases: Sequence[T], k: int, label: str) -> list[T]:
         return list(cases)
     keep = sorted(random.Random(f"{seed}:{label}").sample(range(len(cases)), k))
     return [cases[i] for i in keep]
+
+
+def qemu_img_create(path: PathT, size: str | int, *opts: str, qemu_img: str | None = None) -> PathT:
+    """``qemu-img create -q -f qed [-o OPT,...] PATH SIZE`` (must succeed); returns ``path``."""
+    args: list[str | os.PathLike[str]] = [qemu_img or require_tool("qemu-img"), "create", "-q"]
+    args += ["-f", "qed", *(["-o", ",".join(opts)] if opts else []), path, str(size)]
+    check_ok(run(args))
+    return path

@@ -25,15 +25,14 @@ from fusehelpers import QEDFUSE, mounted, need_check, qedfuse
 
 from qedfuse import cli
 from qedfuse.errors import UsageError
-from support import check_ok, require_tool, run
+from support import check_ok, qemu_img_create, require_tool, run
 
 MiB = 1 << 20
 DISK_SIZE = 8 * MiB
 
 
 def _qemu_create(qemu_img: str, path: Path, size: int = DISK_SIZE) -> Path:
-    check_ok(run([qemu_img, "create", "-q", "-f", "qed", path, str(size)]))
-    return path
+    return qemu_img_create(path, size, qemu_img=qemu_img)
 
 
 def _contents(qemu_img: str, image: Path, tmp_path: Path) -> bytes:

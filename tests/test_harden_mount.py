@@ -54,6 +54,12 @@ def _clean_log(log: str) -> None:
 
 
 @pytest.mark.parametrize("k_past_end", [0, 1, 4])
+@pytest.mark.expect_log(
+    r"L\d+ table at 0x[0-9a-f]+ has \d+ invalid entries",
+    r"entering failsafe mode: L\d+ table at 0x[0-9a-f]+ has \d+ invalid entries",
+    r"write of guest bytes \d+\+\d+ refused \(EIO\), corrupt metadata: invalid L\d+ entry \d+ ",
+    r"the image was in failsafe mode \(.*\); it was not flushed; NEED_CHECK is set",
+)
 def test_entry_at_the_open_time_end_never_aliases_through_a_mount(
     tmp_path: Path, k_past_end: int
 ) -> None:
@@ -108,6 +114,10 @@ def _dd(raw: Path, seek_blocks: int) -> int:
 )
 @pytest.mark.sample(4)
 @pytest.mark.parametrize("seek_blocks", [0, 7])
+@pytest.mark.expect_log(
+    r"failsafe mode: the image file was changed by someone else \(before the flush\): ",
+    r"the image was in failsafe mode \(.*\); it was not flushed; NEED_CHECK is set",
+)
 def test_image_changed_while_mounted_fails_every_fsync(
     tmp_path: Path, change: str, seek_blocks: int
 ) -> None:
@@ -256,6 +266,10 @@ class _NoSpaceOnce(Wrapper):
 
 
 @pytest.mark.parametrize("op", ["pwrite", "fdatasync"])
+@pytest.mark.expect_log(
+    r"flush refused for lack of space: \[Errno \d+\] No space left on device \(will retry\)",
+    r"entering failsafe mode: flush failed: \[Errno \d+\] No space left on device",
+)
 async def test_fsync_for_lack_of_space_says_enospc(op: str) -> None:
     """What the FUSE handler answers: ENOSPC, not EIO.  A refused overwrite keeps everything
     (the next fsync succeeds); a failed sync is failsafe (Linux may have dropped the data),

@@ -376,6 +376,7 @@ def test_create_with_backing_matches_qemu_img_create(tmp_path: Path, qemu_img: s
         assert ours.read_bytes() == theirs.read_bytes()
 
 
+@pytest.mark.expect_log(r"QEMU cannot open images with table_size=\d+ \(a QEMU bug\); qedfuse can")
 def test_table_size_1_qemu_cannot_open_qedfuse_can(tmp_path: Path, qemu_img: str) -> None:
     """QEMU's table-offset test rejects every table when table_size is 1.
 

@@ -44,7 +44,7 @@ from qedfuse.engine import QedImage, create_image, open_image
 from qedfuse.errors import CorruptionError, ReadOnlyError
 from qedfuse.fs import FILE_INODE, ROOT_INODE, QedFS, raw_file_name
 from qedfuse.imagefile import MemoryImage
-from support import check_ok, require_tool, run
+from support import check_ok, qemu_img_create, require_tool, run
 
 MiB = 1024 * 1024
 CTX = cast(pyfuse3.RequestContext, None)  # handlers never look at the request context
@@ -342,11 +342,7 @@ def qemu_img_tool() -> str:
 
 
 def _create(qemu_img: str, path: Path, size: str = "64M", *opts: str) -> Path:
-    args = [qemu_img, "create", "-f", "qed"]
-    if opts:
-        args += ["-o", ",".join(opts)]
-    check_ok(run([*args, path, size]))
-    return path
+    return qemu_img_create(path, size, *opts, qemu_img=qemu_img)
 
 
 def _check_clean(qemu_img: str, image: Path) -> None:

@@ -32,19 +32,12 @@ from qedfuse import control
 from qedfuse.mount import qedfuse_mounts
 from qedfuse.procfs import process_state
 from support import check_ok, describe, require_fuse, require_tool, run, tools_required
+from support import qemu_img_create as _create
 
 KiB = 1024
 MiB = 1024 * KiB
 
 pytestmark = pytest.mark.fuse
-
-
-def _create(path: Path, size: str, *opts: str) -> Path:
-    args = [require_tool("qemu-img"), "create", "-q", "-f", "qed"]
-    if opts:
-        args += ["-o", ",".join(opts)]
-    check_ok(run([*args, path, size]))
-    return path
 
 
 def status(mnt: Path, *args: str, timeout: float = 30) -> dict[str, Any]:

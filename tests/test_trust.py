@@ -24,7 +24,7 @@ import pytest
 from fusehelpers import QEDFUSE, mounted, qedfuse
 
 from qedfuse.mount import mount_entry
-from support import check_ok, describe, require_tool, run, sampled, tools_required
+from support import check_ok, describe, qemu_img_create, require_tool, run, sampled, tools_required
 
 pytestmark = pytest.mark.fuse
 
@@ -89,8 +89,7 @@ def _need_root() -> None:
 
 
 def _create(path: Path) -> Path:
-    check_ok(run([require_tool("qemu-img"), "create", "-q", "-f", "qed", path, "4M"]))
-    return path
+    return qemu_img_create(path, "4M")
 
 
 @contextlib.contextmanager
