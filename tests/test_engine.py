@@ -984,9 +984,7 @@ async def test_read_only_open_of_need_check_image_never_writes() -> None:
     assert memory.data == data
 
 
-@pytest.mark.expect_log(
-    r"image had NEED_CHECK set; repaired on open: \d+ corruption fixed, \d+ remaining"
-)
+@pytest.mark.expect_log(r"image had NEED_CHECK set; repaired on open: ")
 async def test_read_write_open_of_need_check_image_repairs() -> None:
     data = await _dirty_image_with_bad_entry()
     img = await open_bytes(data)
@@ -1003,7 +1001,7 @@ async def test_read_write_open_of_need_check_image_repairs() -> None:
 @pytest.mark.expect_log(
     r"L\d+ table at 0x[0-9a-f]+ has \d+ invalid entries",
     r"entering failsafe mode: L\d+ table at 0x[0-9a-f]+ has \d+ invalid entries",
-    r"image had NEED_CHECK set; repaired on open: \d+ corruption fixed, \d+ remaining",
+    r"image had NEED_CHECK set; repaired on open: ",
 )
 async def test_unrepaired_need_check_is_never_cleared_qemu_bug_j() -> None:
     # Opened read-write with NEED_CHECK set and no repair: the image was never checked, so

@@ -262,6 +262,10 @@ SHARED_PAIRS = {
 @pytest.mark.parametrize("target", [0, 1])
 @pytest.mark.parametrize("preload", ["none", "target", "other", "all"])
 @pytest.mark.parametrize("tiny_cache", [False, True])
+@pytest.mark.expect_log(
+    r"L\d+ table at 0x[0-9a-f]+ has \d+ invalid entries",
+    r"entering failsafe mode: L\d+ table at 0x[0-9a-f]+ has \d+ invalid entries",
+)
 async def test_no_write_lands_in_a_cluster_another_entry_maps(
     cs: int, ts: int, pair: str, target: int, preload: str, tiny_cache: bool
 ) -> None:

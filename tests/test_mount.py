@@ -236,6 +236,10 @@ async def test_xattrs_answer_enosys_so_the_kernel_stops_asking() -> None:
         assert _errno(info) == errno.ENOSYS
 
 
+@pytest.mark.expect_log(
+    r"unexpected error in the read of guest bytes \d+\+\d+",
+    r"entering failsafe mode: unexpected ZeroDivisionError in read of guest bytes \d+\+\d+",
+)
 async def test_guard_turns_a_bug_into_eio_and_failsafe(monkeypatch: pytest.MonkeyPatch) -> None:
     image = await _image()
     fs = _fs(image)
@@ -270,6 +274,13 @@ async def test_guard_turns_a_bug_into_eio_and_failsafe(monkeypatch: pytest.Monke
         (AssertionError("bug"), errno.EIO, True),
         (KeyError("bug"), errno.EIO, True),
     ],
+)
+@pytest.mark.expect_log(
+    r"write of guest bytes \d+\+\d+ refused \(EIO\), corrupt metadata: bad L\d+ entry",
+    r"entering failsafe mode: corrupt metadata in write of guest bytes \d+\+\d+: bad L\d+ entry",
+    r"unexpected error in the write of guest bytes \d+\+\d+",
+    r"entering failsafe mode: unexpected AssertionError in write of guest bytes \d+\+\d+",
+    r"entering failsafe mode: unexpected KeyError in write of guest bytes \d+\+\d+",
 )
 async def test_guard_mapping(
     monkeypatch: pytest.MonkeyPatch, exc: Exception, code: int, failsafe: bool
@@ -762,6 +773,12 @@ def _hostile(qemu_img: str, tmp_path: Path) -> Path:
 
 
 @pytest.mark.fuse
+@pytest.mark.expect_log(
+    r"L\d+ table at 0x[0-9a-f]+ has \d+ invalid entries",
+    r"entering failsafe mode: L\d+ table at 0x[0-9a-f]+ has \d+ invalid entries",
+    r"read of guest bytes \d+\+\d+ refused \(EIO\), corrupt metadata: invalid L\d+ entry \d+ ",
+    r"the image was in failsafe mode \(.*\); it was not flushed; NEED_CHECK is set",
+)
 def test_unflushable_image_exits_1_and_keeps_need_check(tmp_path: Path, qemu_img_tool: str) -> None:
     image = _hostile(qemu_img_tool, tmp_path)
     header = qededit.read_header(image)

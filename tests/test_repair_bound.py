@@ -478,6 +478,7 @@ def test_cli_repair_options_need_r(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("cs", [64 * KiB, 16 * MiB], ids=lambda c: f"{c}")
+@pytest.mark.expect_log(r"image had NEED_CHECK set; repaired on open: ")
 def test_mount_repair_on_open_gives_the_same_advice(cs: int, tmp_path: Path) -> None:
     """A read-write mount of a NEED_CHECK fan on a filesystem without room for the copies:
     the mount fails with the same one-line advice, nothing is mounted, the image is
@@ -566,6 +567,7 @@ def test_repair_memory_bounded_under_rlimit_as(tmp_path: Path) -> None:
 # ============================================================================ corpus
 
 
+@pytest.mark.expect_log(r"image had NEED_CHECK set; repaired on open: ")
 async def test_corpus_fans_are_repaired_or_refused_in_memory() -> None:
     """The hostile corpus's duplicate fans (in-memory files, no free space to see): small
     fans are repaired by copying on a read-write open; the GiB-sized ones are refused with

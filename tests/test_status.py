@@ -427,6 +427,12 @@ def _corrupt_image(tmp_path: Path, bad_cluster: int, how: str) -> tuple[Path, in
     ("how", "bad_cluster"), [("into-l1", 1), ("unaligned", 6), ("past-eof", 3)]
 )
 @pytest.mark.sample(2)
+@pytest.mark.expect_log(
+    r"L\d+ table at 0x[0-9a-f]+ has \d+ invalid entries",
+    r"entering failsafe mode: L\d+ table at 0x[0-9a-f]+ has \d+ invalid entries",
+    r"read of guest bytes \d+\+\d+ refused \(EIO\), corrupt metadata: invalid L\d+ entry \d+ ",
+    r"the image was in failsafe mode \(.*\); it was not flushed; NEED_CHECK is set",
+)
 def test_failsafe_shows_its_reason_and_the_range(
     tmp_path: Path, how: str, bad_cluster: int
 ) -> None:
@@ -465,6 +471,7 @@ def test_failsafe_shows_its_reason_and_the_range(
     assert f"{image}: {guest} refused (EIO)" in log, log
 
 
+@pytest.mark.expect_log(r"image had NEED_CHECK set; repaired on open: ")
 def test_repair_on_open_is_a_warning_naming_the_image(tmp_path: Path) -> None:
     image = _create(tmp_path / "dirty.qed", "4M")
     qededit.set_need_check(image, True)
