@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import qededit
 import trio
+from enginehelpers import Wrapper
 
 from qedfuse import check as check_mod
 from qedfuse import format as fmt
@@ -99,7 +100,7 @@ def pattern(seed: int, size: int) -> bytes:
     return random.Random(seed).randbytes(size)
 
 
-class RecordingFile:
+class RecordingFile(Wrapper):
     """A BlockFile over a MemoryImage that records mutating operations (and can fail one)."""
 
     def __init__(
@@ -110,16 +111,13 @@ class RecordingFile:
         fail_pread: Callable[[int, int], bool] | None = None,
         fake_size: int | None = None,
     ) -> None:
-        self.inner = inner
+        super().__init__(inner)
+        self.inner: MemoryImage = inner
         self.ops: list[tuple[str, int, bytes]] = []  # (op, offset/size, data)
         self.fail_at = fail_at  # index of the mutating op (pwrite/ftruncate/fdatasync) to fail
         self.fail_pread = fail_pread
         self.fake_size = fake_size
         self.synced = bytes(inner.data)  # contents as of the last completed fdatasync
-
-    @property
-    def read_only(self) -> bool:
-        return self.inner.read_only
 
     def _maybe_fail(self) -> None:
         if self.fail_at is not None and len(self.ops) == self.fail_at:
@@ -148,9 +146,6 @@ class RecordingFile:
 
     async def size(self) -> int:
         return self.fake_size if self.fake_size is not None else await self.inner.size()
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 # ============================================================================ unit tests
