@@ -10,12 +10,13 @@ Import as `from support import require_tool` (tests/ is on pytest's pythonpath).
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import shlex
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn, TypeVar
 
 import pytest
@@ -127,3 +128,23 @@ def qemu_img_create(path: PathT, size: str | int, *opts: str, qemu_img: str | No
     args += ["-f", "qed", *(["-o", ",".join(opts)] if opts else []), path, str(size)]
     check_ok(run(args))
     return path
+
+
+def data_ranges(path: str | os.PathLike[str]) -> Iterator[tuple[int, int]]:
+    """(start, end) of the allocated ranges of a sparse file (SEEK_DATA/SEEK_HOLE)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:
+                    return
+                raise
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            yield start, end
+            pos = end
+    finally:
+        os.close(fd)

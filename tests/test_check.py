@@ -34,7 +34,7 @@ from qedfuse.check import CheckReport, check_image
 from qedfuse.engine import create_image, open_image
 from qedfuse.errors import CorruptionError, FormatError, QedError, ReadOnlyError
 from qedfuse.imagefile import Buffer, FileImage, MemoryImage
-from support import describe, require_tool, run
+from support import data_ranges, describe, require_tool, run
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -750,26 +750,14 @@ def guest_blocks(image: Path, tmp: Path) -> dict[int, bytes]:
     raw = tmp / (image.name + ".raw")
     run_ok([require_tool("qemu-img"), "convert", "-f", "qed", "-O", "raw", image, raw])
     blocks: dict[int, bytes] = {}
-    fd = os.open(raw, os.O_RDONLY)
     try:
-        size = os.fstat(fd).st_size
-        pos = 0
-        while pos < size:
-            try:
-                data_start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:
-                    break
-                raise
-            hole = os.lseek(fd, data_start, os.SEEK_HOLE)
-            start = data_start - data_start % BLOCK
-            for off in range(start, hole, BLOCK):
-                block = os.pread(fd, BLOCK, off)
-                if block.strip(b"\0"):
-                    blocks[off] = block
-            pos = hole
+        with open(raw, "rb") as f:
+            for data_start, hole in data_ranges(raw):
+                for off in range(data_start - data_start % BLOCK, hole, BLOCK):
+                    block = os.pread(f.fileno(), BLOCK, off)
+                    if block.strip(b"\0"):
+                        blocks[off] = block
     finally:
-        os.close(fd)
         raw.unlink()
     return blocks
 

@@ -16,7 +16,6 @@ asserted (they are counted separately in the figures).
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import random
 import shutil
@@ -58,16 +57,6 @@ MENU: dict[str, tuple[Any, ...]] = {
 }
 FLUSH = ("flush",)
 REOPEN = ("reopen",)
-
-
-@pytest.fixture(autouse=True)
-def _quiet_engine_logs() -> Iterator[None]:
-    """Thousands of repaired states would otherwise flood the captured log."""
-    logger = logging.getLogger("qedfuse")
-    old = logger.level
-    logger.setLevel(logging.ERROR)
-    yield
-    logger.setLevel(old)
 
 
 def enumerated_workloads() -> Iterator[tuple[str, list[tuple[Any, ...]], bool]]:
