@@ -62,6 +62,7 @@ class ForkedCli:
         reply = self.proc.stdout.readline()
         assert reply, "the qedfuse worker died"
         rc, out, err = json.loads(reply)
+        assert "Traceback (most recent call last)" not in err, f"qedfuse {argv} crashed:\n{err}"
         return subprocess.CompletedProcess(["qedfuse", *argv], rc, out, err)
 
     def close(self) -> None:

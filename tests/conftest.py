@@ -8,14 +8,20 @@
   ``QEDFUSE_SAMPLE_SEED=all``) runs every case.  Big variant matrices keep their full
   coverage across runs while `make test` stays within its time budget.
 - `qemu_img` / `qemu_io` fixtures return the tool's absolute path (see support.require_tool).
+- every test fails on an unexpected WARNING-or-worse log record or logged traceback (see
+  logcheck.py); `@pytest.mark.expect_log(r"regex", ...)` or the `expect_log` fixture declare
+  the expected ones.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from collections import defaultdict
+from collections.abc import Callable, Generator, Iterator
 
+import logcheck
 import pytest
 
 from support import require_tool
@@ -97,3 +103,40 @@ def qemu_img() -> str:
 def qemu_io() -> str:
     """Absolute path of qemu-io (skips, or fails under CI, when it is missing)."""
     return require_tool("qemu-io")
+
+
+@pytest.fixture(autouse=True)
+def _fail_on_unexpected_log(request: pytest.FixtureRequest) -> Iterator[logcheck.ProblemCollector]:
+    """Collect WARNING-or-worse and exception-carrying records; fail on undeclared ones."""
+    logcheck.current_expected[:] = [
+        pattern for mark in request.node.iter_markers("expect_log") for pattern in mark.args
+    ]
+    collector = logcheck.ProblemCollector()
+    root = logging.getLogger()
+    root.addHandler(collector)
+    try:
+        yield collector
+    finally:
+        root.removeHandler(collector)
+    problems = collector.take_unexpected()
+    logcheck.current_expected.clear()
+    if problems:
+        pytest.fail(logcheck.failure_message("log records", problems), pytrace=False)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
+    """Fail the test itself (not only its teardown) on the records logged while it ran."""
+    result = yield
+    collector = getattr(item, "funcargs", {}).get("_fail_on_unexpected_log")
+    if isinstance(collector, logcheck.ProblemCollector):
+        problems = collector.take_unexpected()
+        if problems:
+            pytest.fail(logcheck.failure_message("log records", problems), pytrace=False)
+    return result
+
+
+@pytest.fixture
+def expect_log() -> Callable[[str], None]:
+    """``expect_log(r"regex")``: declare, at run time, a log record this test expects."""
+    return logcheck.current_expected.append

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
+from enginehelpers import Wrapper
 
 from qedfuse import engine, tables
 from qedfuse import format as fmt
@@ -52,7 +53,7 @@ LogEntry = tuple[Any, ...]
 # --------------------------------------------------------------------------- backends
 
 
-class RecordingBackend:
+class RecordingBackend(Wrapper):
     """A BlockFile that performs I/O on ``inner`` and logs every write, truncate and sync.
 
     ``aclose`` does not close ``inner``, so a workload can close and reopen the image on the
@@ -60,16 +61,9 @@ class RecordingBackend:
     """
 
     def __init__(self, inner: BlockFile, log: list[LogEntry] | None = None) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.log: list[LogEntry] = [] if log is None else log
         self.closed = False
-
-    @property
-    def read_only(self) -> bool:
-        return self.inner.read_only
-
-    async def pread(self, offset: int, size: int) -> bytes:
-        return await self.inner.pread(offset, size)
 
     async def pwrite(self, offset: int, data: Buffer) -> None:
         payload = bytes(data)
@@ -83,9 +77,6 @@ class RecordingBackend:
     async def ftruncate(self, size: int) -> None:
         await self.inner.ftruncate(size)
         self.log.append(("T", size))
-
-    async def size(self) -> int:
-        return await self.inner.size()
 
     async def aclose(self) -> None:
         self.closed = True
@@ -101,7 +92,7 @@ class RecordingBackend:
 FAULT_OPS = ("pwrite", "fdatasync", "pread", "ftruncate")
 
 
-class FaultyBackend:
+class FaultyBackend(Wrapper):
     """A BlockFile that raises ``make_exc()`` at the ``fail_at``-th call of ``fail_op``.
 
     The failing call does nothing (it fails before touching ``inner``).  With ``sticky`` every
@@ -118,7 +109,7 @@ class FaultyBackend:
         *,
         sticky: bool = False,
     ) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.fail_op = fail_op
         self.fail_at = fail_at
         self.make_exc = make_exc
@@ -136,10 +127,6 @@ class FaultyBackend:
             self.fired += 1
             raise self.make_exc()
 
-    @property
-    def read_only(self) -> bool:
-        return self.inner.read_only
-
     async def pread(self, offset: int, size: int) -> bytes:
         self._maybe_fail("pread")
         return await self.inner.pread(offset, size)
@@ -155,12 +142,6 @@ class FaultyBackend:
     async def ftruncate(self, size: int) -> None:
         self._maybe_fail("ftruncate")
         await self.inner.ftruncate(size)
-
-    async def size(self) -> int:
-        return await self.inner.size()
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 # --------------------------------------------------------------------------- crash states
@@ -861,7 +842,7 @@ async def check_state(
             await rw.close()
         with trio.fail_after(STEP_TIMEOUT):
             after = await check(MemoryImage(mem.data), False)
-        if _corruptions(after) or fmt.Header.unpack(mem.data).need_check:
+        if _corruptions(after) or fmt.Header.unpack(bytes(mem.data)).need_check:
             v.append(Violation("repair_fail", f"after repair and close: {after}"))
         result.repaired = bytes(mem.data)
     except FormatError as exc:

@@ -124,6 +124,12 @@ def header_of(data: Buffer) -> tuple[int, ...]:
     return HEADER.unpack(bytes(data[:64]))
 
 
+def need_check_on_disk(img_or_data: QedImage | BlockFile | Buffer) -> bool:
+    """The NEED_CHECK bit in the raw header of an image, its file, or raw bytes."""
+    data = img_or_data if isinstance(img_or_data, bytes | bytearray | memoryview) else None
+    return bool(header_of(raw(img_or_data) if data is None else data)[4] & NEED_CHECK)  # type: ignore[arg-type]
+
+
 def poke_u64(data: bytearray, offset: int, value: int) -> None:
     data[offset : offset + 8] = struct.pack("<Q", value)
 

@@ -22,7 +22,11 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import logcheck
+from qededit import need_check as need_check  # the on-disk NEED_CHECK bit
+
 from qedfuse.mount import find_daemon
+from qedfuse.procfs import process_state
 from support import describe, require_fuse, require_tool, run
 
 QEDFUSE = str(Path(sys.executable).with_name("qedfuse"))
@@ -68,12 +72,7 @@ def daemon_pid(mnt: str | os.PathLike[str]) -> int:
 
 def pid_alive(pid: int) -> bool:
     """True while ``pid`` runs (a zombie counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            text = f.read()
-    except OSError:
-        return False
-    return text[text.rfind(")") + 2 :][:1] not in ("Z", "X", "")
+    return process_state(pid) not in ("Z", "X", None)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
@@ -195,10 +194,13 @@ def mounted(
     daemon: bool = False,
     expect_rc: int | None = 0,
     raw_name: str | None = None,
+    expect_log: Sequence[str] = (),
 ) -> Iterator[Mounted]:
     """Mount ``image`` at ``mnt`` with the real CLI; always unmount and reap the daemon.
 
     ``expect_rc`` is the daemon's expected exit status (foreground mode), None to not check.
+    Once the daemon exited, a Traceback or WARNING-or-worse line in its log fails the test
+    unless ``expect_log`` or the test's declared patterns match it (see logcheck.py).
     """
     require_fuse()
     image, mnt = Path(image), Path(mnt)
@@ -227,6 +229,9 @@ def mounted(
             raise
         if m.proc is not None and expect_rc is not None and rc != expect_rc:
             raise AssertionError(f"qedfuse daemon exited {rc}, expected {expect_rc}\n{m.log()}")
+        problems = logcheck.daemon_log_problems(m.log(), expect_log)
+        if problems:
+            raise AssertionError(logcheck.failure_message(f"lines in {m.log_path}", problems))
 
 
 @contextlib.contextmanager
@@ -255,10 +260,3 @@ def loop_device(path: str | os.PathLike[str]) -> Iterator[str]:
             20,
             f"{dev} to be released",
         )
-
-
-def need_check(image: str | os.PathLike[str]) -> bool:
-    """The NEED_CHECK feature bit (0x2 of the 64-bit features at offset 16) on disk."""
-    with open(image, "rb") as f:
-        header = f.read(64)
-    return bool(int.from_bytes(header[16:24], "little") & 0x2)

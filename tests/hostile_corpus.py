@@ -253,7 +253,9 @@ def corpus() -> list[HostileImage]:
     cs = lay.cs
     n = len(base)
 
-    def header_case(name: str, expect: str = "either", size: int | None = None, **fields: int):
+    def header_case(
+        name: str, expect: str = "either", size: int | None = None, **fields: int
+    ) -> None:
         buf = bytearray(base)
         for key, value in fields.items():
             poke(buf, key, value)
@@ -272,7 +274,7 @@ def corpus() -> list[HostileImage]:
     for field_name, (_, code) in HEADER_FIELDS.items():
         vector = UINT32_V if code == "<I" else UINT64_V
         for value in vector:
-            header_case(f"field-{field_name}={value:#x}", **{field_name: value})
+            header_case(f"field-{field_name}={value:#x}", "either", None, **{field_name: value})
 
     # header_size overflow: hs*cs > 2^32-1 with an L1 table that is really past it
     hs = U32 // cs + 1
@@ -336,7 +338,7 @@ def corpus() -> list[HostileImage]:
         backing_filename_offset=U32,
         backing_filename_size=U32,
     )
-    for label, name in (
+    for label, backing_name in (
         ("json", b'json:{"driver":"raw","file":{"driver":"file","filename":"/etc/passwd"}}'),
         ("absolute", b"/etc/shadow"),
         ("dotdot", b"../../../../etc/passwd"),
@@ -345,10 +347,10 @@ def corpus() -> list[HostileImage]:
         ("not-utf8", b"\xff\xfe\xfd"),
     ):
         buf = bytearray(base)
-        buf[64 : 64 + len(name)] = name
+        buf[64 : 64 + len(backing_name)] = backing_name
         poke(buf, "features", fmt.Feature.BACKING_FILE)
         poke(buf, "backing_filename_offset", 64)
-        poke(buf, "backing_filename_size", len(name))
+        poke(buf, "backing_filename_size", len(backing_name))
         out.append(HostileImage(f"backing-name-{label}", bytes(buf), n, "serve"))
 
     # tables: (name, edit, bad guest ranges)
@@ -570,7 +572,9 @@ def tagged(seed: int, size: int) -> bytes:
     return bytes(data)
 
 
-async def _step(outcome: Outcome, what: str, coro: Any, allowed: tuple[type, ...]) -> Any:
+async def _step(
+    outcome: Outcome, what: str, coro: Any, allowed: tuple[type[BaseException], ...]
+) -> Any:
     """Await ``coro`` under the step timeout; classify whatever it raises."""
     try:
         with trio.fail_after(STEP_TIMEOUT):
@@ -672,7 +676,13 @@ async def exercise(
         await _step(outcome, "close", img.close(), allowed)
         after = fmt.Header.unpack(rw_file._read_sync(0, 64))
         before = fmt.Header.unpack(before_header)
-        same = ("magic", "cluster_size", "table_size", "header_size", "l1_table_offset")
+        same: tuple[str, ...] = (
+            "magic",
+            "cluster_size",
+            "table_size",
+            "header_size",
+            "l1_table_offset",
+        )
         same += ("image_size", "backing_filename_offset", "backing_filename_size")
         changed = [f for f in same if getattr(after, f) != getattr(before, f)]
         if changed or (after.features | 2) != (before.features | 2):
@@ -696,10 +706,14 @@ async def run_corpus(items: Sequence[HostileImage] | None = None) -> dict[str, A
     problems: list[str] = []
     tally: Counter[str] = Counter()
     for k, item in enumerate(items):
+
+        def source(ro: bool, item: HostileImage = item) -> SparseImage:
+            return item.file(read_only=ro)
+
         try:
             with trio.fail_after(CASE_TIMEOUT):
                 outcome = await exercise(
-                    lambda ro, item=item: item.file(read_only=ro),
+                    source,
                     seed=k,
                     bad_ranges=item.bad_ranges,
                     expect=item.expect,
@@ -868,11 +882,13 @@ async def run_fuzz(
     for k in range(count):
         base_name, data = bases[k % len(bases)]
         mutant, applied = mutate(data, rng)
+
+        def mutant_source(ro: bool, m: bytes = mutant) -> SparseImage:
+            return SparseImage(m, read_only=ro)
+
         try:
             with trio.fail_after(CASE_TIMEOUT):
-                outcome = await exercise(
-                    lambda ro, m=mutant: SparseImage(m, read_only=ro), seed=seed * 1_000_003 + k
-                )
+                outcome = await exercise(mutant_source, seed=seed * 1_000_003 + k)
         except trio.TooSlowError:
             problems.append(f"#{k} {base_name} {applied}: hung")
             continue

@@ -44,7 +44,8 @@ NO_TESTS = 5  # pytest: nothing collected
 
 def split_files() -> tuple[list[str], list[str]]:
     """(in-process files, shared-state files), as paths relative to the repository."""
-    in_process, shared = [], []
+    in_process: list[str] = []
+    shared: list[str] = []
     for path in sorted(TESTS.glob("test_*.py")):
         rel = os.path.relpath(path, TESTS.parent)
         source = path.read_text()

@@ -10,12 +10,13 @@ Import as `from support import require_tool` (tests/ is on pytest's pythonpath).
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import shlex
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn, TypeVar
 
 import pytest
@@ -24,6 +25,8 @@ T = TypeVar("T")
 
 # mkfs.ext4, e2fsck etc. live in sbin, which a non-root user's PATH often lacks.
 _EXTRA_PATH = ("/usr/local/sbin", "/usr/sbin", "/sbin")
+
+PathT = TypeVar("PathT", bound=str | os.PathLike[str])
 
 # Keep assertion messages readable when a tool prints a lot.
 _MAX_OUTPUT = 8000
@@ -117,3 +120,31 @@ def sampled(cases: Sequence[T], k: int, label: str) -> list[T]:
         return list(cases)
     keep = sorted(random.Random(f"{seed}:{label}").sample(range(len(cases)), k))
     return [cases[i] for i in keep]
+
+
+def qemu_img_create(path: PathT, size: str | int, *opts: str, qemu_img: str | None = None) -> PathT:
+    """``qemu-img create -q -f qed [-o OPT,...] PATH SIZE`` (must succeed); returns ``path``."""
+    args: list[str | os.PathLike[str]] = [qemu_img or require_tool("qemu-img"), "create", "-q"]
+    args += ["-f", "qed", *(["-o", ",".join(opts)] if opts else []), path, str(size)]
+    check_ok(run(args))
+    return path
+
+
+def data_ranges(path: str | os.PathLike[str]) -> Iterator[tuple[int, int]]:
+    """(start, end) of the allocated ranges of a sparse file (SEEK_DATA/SEEK_HOLE)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:
+                    return
+                raise
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            yield start, end
+            pos = end
+    finally:
+        os.close(fd)

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import qededit
 import trio
+from enginehelpers import Wrapper
 
 from qedfuse import check as check_mod
 from qedfuse import format as fmt
@@ -34,7 +35,7 @@ from qedfuse.engine import open_image
 from qedfuse.errors import CorruptionError, FormatError, QedError, ReadOnlyError
 from qedfuse.imagefile import Buffer, FileImage, MemoryImage
 from qedfuse.tables import create_image
-from support import describe, require_tool, run
+from support import data_ranges, describe, require_tool, run
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -100,7 +101,7 @@ def pattern(seed: int, size: int) -> bytes:
     return random.Random(seed).randbytes(size)
 
 
-class RecordingFile:
+class RecordingFile(Wrapper):
     """A BlockFile over a MemoryImage that records mutating operations (and can fail one)."""
 
     def __init__(
@@ -111,16 +112,13 @@ class RecordingFile:
         fail_pread: Callable[[int, int], bool] | None = None,
         fake_size: int | None = None,
     ) -> None:
-        self.inner = inner
+        super().__init__(inner)
+        self.inner: MemoryImage = inner
         self.ops: list[tuple[str, int, bytes]] = []  # (op, offset/size, data)
         self.fail_at = fail_at  # index of the mutating op (pwrite/ftruncate/fdatasync) to fail
         self.fail_pread = fail_pread
         self.fake_size = fake_size
         self.synced = bytes(inner.data)  # contents as of the last completed fdatasync
-
-    @property
-    def read_only(self) -> bool:
-        return self.inner.read_only
 
     def _maybe_fail(self) -> None:
         if self.fail_at is not None and len(self.ops) == self.fail_at:
@@ -149,9 +147,6 @@ class RecordingFile:
 
     async def size(self) -> int:
         return self.fake_size if self.fake_size is not None else await self.inner.size()
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 # ============================================================================ unit tests
@@ -756,26 +751,14 @@ def guest_blocks(image: Path, tmp: Path) -> dict[int, bytes]:
     raw = tmp / (image.name + ".raw")
     run_ok([require_tool("qemu-img"), "convert", "-f", "qed", "-O", "raw", image, raw])
     blocks: dict[int, bytes] = {}
-    fd = os.open(raw, os.O_RDONLY)
     try:
-        size = os.fstat(fd).st_size
-        pos = 0
-        while pos < size:
-            try:
-                data_start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:
-                    break
-                raise
-            hole = os.lseek(fd, data_start, os.SEEK_HOLE)
-            start = data_start - data_start % BLOCK
-            for off in range(start, hole, BLOCK):
-                block = os.pread(fd, BLOCK, off)
-                if block.strip(b"\0"):
-                    blocks[off] = block
-            pos = hole
+        with open(raw, "rb") as f:
+            for data_start, hole in data_ranges(raw):
+                for off in range(data_start - data_start % BLOCK, hole, BLOCK):
+                    block = os.pread(f.fileno(), BLOCK, off)
+                    if block.strip(b"\0"):
+                        blocks[off] = block
     finally:
-        os.close(fd)
         raw.unlink()
     return blocks
 
@@ -1147,6 +1130,7 @@ def _corrupt_for_open(path: Path) -> None:
 
 
 @pytest.mark.qemu
+@pytest.mark.expect_log(r"^image had NEED_CHECK set; repaired on open: 2 corruptions fixed")
 async def test_engine_read_write_open_repairs(tmp_path: Path, base_images: dict[str, Path]) -> None:
     path = tmp_path / "open.qed"
     shutil.copyfile(base_images["small"], path)
@@ -1168,6 +1152,7 @@ async def test_engine_read_write_open_repairs(tmp_path: Path, base_images: dict[
 
 
 @pytest.mark.qemu
+@pytest.mark.expect_log(r"^L2 table at 0x8000 has 1 invalid entries$")
 async def test_engine_read_only_open_writes_nothing(
     tmp_path: Path, base_images: dict[str, Path]
 ) -> None:
@@ -1188,6 +1173,7 @@ async def test_engine_read_only_open_writes_nothing(
     assert (await our_check(path)).corruptions == 2
 
 
+@pytest.mark.expect_log(r"^image had NEED_CHECK set; repaired on open: 5 leaked clusters reclaimed")
 async def test_engine_crash_leftovers_reclaimed_on_open() -> None:
     """Unflushed allocations after a crash are trailing leaks: the next open reclaims them."""
     memory = MemoryImage()
@@ -1214,6 +1200,7 @@ async def test_engine_crash_leftovers_reclaimed_on_open() -> None:
 
 
 @pytest.mark.qemu
+@pytest.mark.expect_log(r"^image had NEED_CHECK set; repaired on open: ")
 async def test_qemu_open_time_repair_agrees(tmp_path: Path, base_images: dict[str, Path]) -> None:
     """NEED_CHECK + an invalid entry: qemu-io's automatic repair and ours end up the same."""
     ours_path = tmp_path / "ours.qed"

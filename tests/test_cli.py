@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import qededit
@@ -31,7 +32,7 @@ MiB = 1024 * 1024
 
 
 def qf(
-    *args: str | os.PathLike[str], cwd: Path | None = None, **kw: object
+    *args: str | os.PathLike[str], cwd: Path | None = None, **kw: Any
 ) -> subprocess.CompletedProcess[str]:
     return run([*QEDFUSE, *(os.fspath(a) for a in args)], cwd=cwd, **kw)
 
@@ -388,6 +389,7 @@ def test_create_with_backing(qm: InProcess, tmp_path: Path, qemu_img: str) -> No
     assert not (tmp_path / "x.qed").exists()
 
 
+@pytest.mark.expect_log(r"^QEMU cannot open images with table_size=1")
 def test_table_size_1_warns_that_qemu_cannot_open_it(
     qm: InProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

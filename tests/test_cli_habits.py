@@ -24,15 +24,15 @@ import pytest
 from fusehelpers import QEDFUSE, mounted, need_check, qedfuse
 
 from qedfuse import cli
-from support import check_ok, require_tool, run
+from qedfuse.errors import UsageError
+from support import check_ok, qemu_img_create, require_tool, run
 
 MiB = 1 << 20
 DISK_SIZE = 8 * MiB
 
 
 def _qemu_create(qemu_img: str, path: Path, size: int = DISK_SIZE) -> Path:
-    check_ok(run([qemu_img, "create", "-q", "-f", "qed", path, str(size)]))
-    return path
+    return qemu_img_create(path, size, qemu_img=qemu_img)
 
 
 def _contents(qemu_img: str, image: Path, tmp_path: Path) -> bytes:
@@ -237,7 +237,7 @@ def test_not_the_mount_form(
     argv: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(cli.UsageError, match="unknown command"):
+    with pytest.raises(UsageError, match="unknown command"):
         cli.mount_form(argv)
 
 
@@ -275,7 +275,7 @@ def test_qemu_img_habits(tmp_path: Path, qemu_img: str) -> None:
         ["check", "-f", "qed", top],
         ["map", "-f", "qed", top],
     ):
-        check_ok(qedfuse(*argv))
+        check_ok(qedfuse(*map(str, argv)))
     assert check_ok(qedfuse("check", "-q", "-f", "qed", top)).stdout == ""
     assert check_ok(qedfuse("resize", "-q", "-f", "qed", top, "+1M")).stdout == ""
     assert check_ok(qedfuse("commit", "-q", "-f", "qed", top)).stdout == ""

@@ -23,6 +23,7 @@ from enginehelpers import (
     RecordingFile,
     assert_raw_clean,
     header_of,
+    need_check_on_disk,
     new_image,
     open_bytes,
     pattern,
@@ -50,11 +51,6 @@ from qedfuse.tables import create_image
 
 FEATURES_OFFSET = 16
 NEED_CHECK = int(fmt.Feature.NEED_CHECK)
-
-
-def need_check_on_disk(img_or_data: QedImage | bytearray | bytes) -> bool:
-    data = raw(img_or_data) if isinstance(img_or_data, QedImage) else img_or_data
-    return bool(header_of(data)[4] & NEED_CHECK)
 
 
 async def assert_consistent(img: QedImage, model: Model) -> None:
@@ -652,6 +648,10 @@ async def _assert_range_refused(img: QedImage, pos: int, layout: dict[str, int])
     "target",
     ["l1", "l1+1", "own_l2", "own_l2+1", "other_l2", "eof", "far", "unaligned", "partial"],
 )
+@pytest.mark.expect_log(
+    r"L\d+ table at 0x[0-9a-f]+ has \d+ invalid entries",
+    r"entering failsafe mode: L\d+ table at 0x[0-9a-f]+ has \d+ invalid entries",
+)
 async def test_hostile_l2_entry(target: str) -> None:
     data, layout = await _two_table_image()
     values = {
@@ -691,6 +691,11 @@ async def test_hostile_l2_entry(target: str) -> None:
     )
 
 
+@pytest.mark.expect_log(
+    r"\d+ invalid L\d+ entries; the guest ranges they map will fail with EIO",
+    r"entering failsafe mode: \d+ invalid L\d+ entries",
+    r"L\d+ table at 0x[0-9a-f]+ has \d+ invalid entries",
+)
 async def test_hostile_l2_entry_pointing_into_header() -> None:
     cs = 4096
     header = fmt.new_header(8 * MiB, cluster_size=cs, table_size=2).replace(
@@ -719,6 +724,10 @@ async def test_hostile_l2_entry_pointing_into_header() -> None:
 
 @pytest.mark.parametrize(
     "target", ["one", "unaligned", "eof", "far", "runs_past_eof", "l1", "l1+1", "data"]
+)
+@pytest.mark.expect_log(
+    r"\d+ invalid L\d+ entries; the guest ranges they map will fail with EIO",
+    r"entering failsafe mode: \d+ invalid L\d+ entries",
 )
 async def test_hostile_l1_entry(target: str) -> None:
     data, layout = await _two_table_image()
@@ -749,6 +758,10 @@ async def test_hostile_l1_entry(target: str) -> None:
     await img.close()
 
 
+@pytest.mark.expect_log(
+    r"\d+ invalid L\d+ entries; the guest ranges they map will fail with EIO",
+    r"entering failsafe mode: \d+ invalid L\d+ entries",
+)
 async def test_two_l1_entries_sharing_an_l2_table() -> None:
     data, layout = await _two_table_image()
     poke_u64(data, layout["l1"] + 2 * 8, layout["l2b"])  # L1[2] = L1[1]
@@ -759,6 +772,11 @@ async def test_two_l1_entries_sharing_an_l2_table() -> None:
     await img.close()
 
 
+@pytest.mark.expect_log(
+    r"\d+ invalid L\d+ entries; the guest ranges they map will fail with EIO",
+    r"entering failsafe mode: \d+ invalid L\d+ entries",
+    r"L\d+ table at 0x[0-9a-f]+ has \d+ invalid entries",
+)
 async def test_l2_entry_pointing_at_a_table_shared_by_two_l1_entries() -> None:
     # The shared table's L1 entries are refused, but its clusters are still L2 metadata: a
     # data entry elsewhere that points at them must not be written through.
@@ -813,6 +831,9 @@ async def _assert_failsafe(img: QedImage, faulty: FaultyFile) -> None:
 
 
 @pytest.mark.parametrize("n_sync", [2, 3, 4, 5])
+@pytest.mark.expect_log(
+    r"entering failsafe mode: flush failed: \[Errno \d+\] injected fdatasync failure"
+)
 async def test_failed_fdatasync_in_flush_enters_failsafe(n_sync: int) -> None:
     img, faulty, _model = await _failsafe_image()
     faulty.arm()
@@ -832,6 +853,9 @@ async def test_failed_fdatasync_in_flush_enters_failsafe(n_sync: int) -> None:
     await _assert_failsafe(img, faulty)
 
 
+@pytest.mark.expect_log(
+    r"entering failsafe mode: flush failed: \[Errno \d+\] injected pwrite failure"
+)
 async def test_failed_pwrite_in_flush_enters_failsafe() -> None:
     n_failed = 0
     for n_write in range(1, 20):
@@ -946,6 +970,7 @@ async def _dirty_image_with_bad_entry() -> bytearray:
     return data
 
 
+@pytest.mark.expect_log(r"L\d+ table at 0x[0-9a-f]+ has \d+ invalid entries")
 async def test_read_only_open_of_need_check_image_never_writes() -> None:
     data = await _dirty_image_with_bad_entry()
     memory = MemoryImage(data, read_only=True)
@@ -960,6 +985,7 @@ async def test_read_only_open_of_need_check_image_never_writes() -> None:
     assert memory.data == data
 
 
+@pytest.mark.expect_log(r"image had NEED_CHECK set; repaired on open: ")
 async def test_read_write_open_of_need_check_image_repairs() -> None:
     data = await _dirty_image_with_bad_entry()
     img = await open_bytes(data)
@@ -973,6 +999,11 @@ async def test_read_write_open_of_need_check_image_repairs() -> None:
     assert (w.corruptions, w.leaks) == ([], [])
 
 
+@pytest.mark.expect_log(
+    r"L\d+ table at 0x[0-9a-f]+ has \d+ invalid entries",
+    r"entering failsafe mode: L\d+ table at 0x[0-9a-f]+ has \d+ invalid entries",
+    r"image had NEED_CHECK set; repaired on open: ",
+)
 async def test_unrepaired_need_check_is_never_cleared_qemu_bug_j() -> None:
     # Opened read-write with NEED_CHECK set and no repair: the image was never checked, so
     # no flush may mark it clean (docs/qemu-differences.md#bug-j: QEMU's close clears it).

@@ -23,7 +23,6 @@ Non-OSError exceptions from the backend (ValueError, struct.error) must propagat
 from __future__ import annotations
 
 import errno
-import logging
 import struct
 import time
 from collections.abc import Callable, Iterator
@@ -160,15 +159,6 @@ WORKLOADS: dict[str, tuple[int, list[Step]]] = {
         ],
     ),
 }
-
-
-@pytest.fixture(autouse=True)
-def _quiet_engine_logs() -> Iterator[None]:
-    logger = logging.getLogger("qedfuse")
-    old = logger.level
-    logger.setLevel(logging.CRITICAL)
-    yield
-    logger.setLevel(old)
 
 
 @dataclass
@@ -346,7 +336,7 @@ async def _after_error(
     p = result.problems
     flush_failed = img.failsafe or kind in ("flush", "close", "resize")
     if img.failsafe and dirty_before:
-        header = fmt.Header.unpack(mem.data)
+        header = fmt.Header.unpack(bytes(mem.data))
         if not header.need_check:
             ref = cs.reference_check(bytes(mem.data))
             if ref.corruptions or ref.leaks:
@@ -448,6 +438,11 @@ def _make(err: str) -> Callable[[], BaseException]:
     return lambda: OSError(code, f"injected {err}")
 
 
+@pytest.mark.expect_log(
+    r"injected",
+    r"image had NEED_CHECK set; repaired on open: ",
+    r"flush refused for lack of space: ",
+)
 def test_b5_oserror_at_every_call_site(request: pytest.FixtureRequest) -> None:
     """EIO/ENOSPC at every pwrite/fdatasync/pread/ftruncate of every workload."""
     started = time.monotonic()
@@ -486,6 +481,11 @@ def test_b5_oserror_at_every_call_site(request: pytest.FixtureRequest) -> None:
     assert not failures, "\n".join(failures[:40])
 
 
+@pytest.mark.expect_log(
+    r"injected",
+    r"image had NEED_CHECK set; repaired on open: ",
+    r"flush refused for lack of space: ",
+)
 def test_b6_non_oserror_exceptions_propagate_and_do_not_corrupt(
     request: pytest.FixtureRequest,
 ) -> None:
@@ -529,6 +529,11 @@ def test_harness_catches_phantom_data(monkeypatch: pytest.MonkeyPatch) -> None:
     assert any("phantom" in problem for problem in problems), problems
 
 
+@pytest.mark.expect_log(
+    r"injected",
+    r"image had NEED_CHECK set; repaired on open: ",
+    r"flush refused for lack of space: ",
+)
 async def test_failed_l2_write_shows_no_phantom_data() -> None:
     """QEMU's l2_update case (reliability.md §2.1): the read after the failure is old data."""
     mem = MemoryImage()
@@ -542,7 +547,7 @@ async def test_failed_l2_write_shows_no_phantom_data() -> None:
         await img.flush()
     assert img.failsafe
     assert await img.read(64 * 1024, CL) == bytes(CL)
-    assert fmt.Header.unpack(mem.data).need_check
+    assert fmt.Header.unpack(bytes(mem.data)).need_check
     await img.close()
     report = await check_image(MemoryImage(mem.data), repair=True)
     assert report.corruptions == 0
@@ -562,8 +567,8 @@ async def test_failed_resize_sync_leaves_engine_and_file_agreeing() -> None:
     faulty.make_exc = lambda: OSError(errno.EIO, "injected")
     with pytest.raises(OSError, match="injected"):
         await img.resize(SIZE + MIB)
-    on_file = fmt.Header.unpack(mem.data).image_size
+    on_file = fmt.Header.unpack(bytes(mem.data)).image_size
     assert img.image_size == on_file
     await img.write(0, b"x" * CL)  # sets NEED_CHECK: rewrites the header struct
     await img.close()
-    assert fmt.Header.unpack(mem.data).image_size == on_file
+    assert fmt.Header.unpack(bytes(mem.data)).image_size == on_file

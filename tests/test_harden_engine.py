@@ -128,6 +128,11 @@ def metadata_clusters(b: Built) -> set[int]:
 @pytest.mark.parametrize(("cs", "ts"), GEOMETRIES)
 @pytest.mark.parametrize("k_past_end", [0, 1, 2, 5, 40])
 @pytest.mark.parametrize("order", ["direct", "evict-own", "failsafe-reread"])
+@pytest.mark.expect_log(
+    r"L\d+ table at 0x[0-9a-f]+ has \d+ invalid entries",
+    r"entering failsafe mode: L\d+ table at 0x[0-9a-f]+ has \d+ invalid entries",
+    r"entering failsafe mode: test: as after a failed flush",
+)
 async def test_entry_past_open_time_end_is_never_trusted(
     cs: int, ts: int, k_past_end: int, order: str
 ) -> None:
@@ -169,6 +174,11 @@ async def test_entry_past_open_time_end_is_never_trusted(
 
 @pytest.mark.parametrize(("cs", "ts"), GEOMETRIES)
 @pytest.mark.parametrize("k_past_end", [0, 1, 3])
+@pytest.mark.expect_log(
+    r"\d+ invalid L\d+ entries; the guest ranges they map will fail with EIO",
+    r"entering failsafe mode: \d+ invalid L\d+ entries",
+    r"entering failsafe mode: test",
+)
 async def test_l1_entry_past_open_time_end_stays_corrupt_after_growth(
     cs: int, ts: int, k_past_end: int
 ) -> None:
@@ -201,6 +211,10 @@ DUPLICATES = ["within", "across", "table-as-data", "table-tail-as-data", "l1-as-
 @pytest.mark.parametrize("first", [0, 1])
 @pytest.mark.parametrize("tiny_cache", [False, True])
 @pytest.mark.parametrize("read_only", [False, True])
+@pytest.mark.expect_log(
+    r"L\d+ table at 0x[0-9a-f]+ has \d+ invalid entries",
+    r"entering failsafe mode: L\d+ table at 0x[0-9a-f]+ has \d+ invalid entries",
+)
 async def test_no_host_cluster_served_twice(
     cs: int, ts: int, kind: str, first: int, tiny_cache: bool, read_only: bool
 ) -> None:
@@ -249,6 +263,10 @@ SHARED_PAIRS = {
 @pytest.mark.parametrize("target", [0, 1])
 @pytest.mark.parametrize("preload", ["none", "target", "other", "all"])
 @pytest.mark.parametrize("tiny_cache", [False, True])
+@pytest.mark.expect_log(
+    r"L\d+ table at 0x[0-9a-f]+ has \d+ invalid entries",
+    r"entering failsafe mode: L\d+ table at 0x[0-9a-f]+ has \d+ invalid entries",
+)
 async def test_no_write_lands_in_a_cluster_another_entry_maps(
     cs: int, ts: int, pair: str, target: int, preload: str, tiny_cache: bool
 ) -> None:
@@ -286,6 +304,10 @@ async def test_no_write_lands_in_a_cluster_another_entry_maps(
     await img.close()
 
 
+@pytest.mark.expect_log(
+    r"L\d+ table at 0x[0-9a-f]+ has \d+ invalid entries",
+    r"entering failsafe mode: L\d+ table at 0x[0-9a-f]+ has \d+ invalid entries",
+)
 async def test_repro_issue_11_finding_1() -> None:
     """The reported case: 4 GiB, 64 KiB clusters, ts 4, L2 entry == the file's end."""
     b = await build(65536, 4, n_tables=2, n_clusters=0)
@@ -309,6 +331,7 @@ def _vm_rss_kib() -> int:
     raise AssertionError("no VmRSS")
 
 
+@pytest.mark.expect_log(r"L\d+ table at 0x[0-9a-f]+ has \d+ invalid entries")
 async def test_duplicate_detection_memory_is_bounded(tmp_path: Path) -> None:
     """1 TiB sparse image file, 4 KiB clusters, 16-cluster tables (8192 entries each): the
     bitmap is 32 MiB of address space, but only the pages of referenced clusters cost RSS."""
@@ -520,11 +543,14 @@ async def _mutate(img: QedImage, mutation: str) -> None:
         async def gone() -> bool:
             return False
 
-        img.file.still_named = gone  # type: ignore[union-attr]
+        img.file.still_named = gone  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("mutation", MUTATIONS)
 @pytest.mark.parametrize("then", ["flush", "write-flush", "write-last-cluster-flush"])
+@pytest.mark.expect_log(
+    r"failsafe mode: the image file was changed by someone else( \(before the flush\))?: "
+)
 async def test_image_changed_under_the_engine_fails_the_flush(mutation: str, then: str) -> None:
     img = await _flushed_image()
     await _mutate(img, mutation)

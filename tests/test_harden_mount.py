@@ -55,6 +55,12 @@ def _clean_log(log: str) -> None:
 
 
 @pytest.mark.parametrize("k_past_end", [0, 1, 4])
+@pytest.mark.expect_log(
+    r"L\d+ table at 0x[0-9a-f]+ has \d+ invalid entries",
+    r"entering failsafe mode: L\d+ table at 0x[0-9a-f]+ has \d+ invalid entries",
+    r"write of guest bytes \d+\+\d+ refused \(EIO\), corrupt metadata: invalid L\d+ entry \d+ ",
+    r"the image was in failsafe mode \(.*\); it was not flushed; NEED_CHECK is set",
+)
 def test_entry_at_the_open_time_end_never_aliases_through_a_mount(
     tmp_path: Path, k_past_end: int
 ) -> None:
@@ -109,6 +115,10 @@ def _dd(raw: Path, seek_blocks: int) -> int:
 )
 @pytest.mark.sample(4)
 @pytest.mark.parametrize("seek_blocks", [0, 7])
+@pytest.mark.expect_log(
+    r"failsafe mode: the image file was changed by someone else \(before the flush\): ",
+    r"the image was in failsafe mode \(.*\); it was not flushed; NEED_CHECK is set",
+)
 def test_image_changed_while_mounted_fails_every_fsync(
     tmp_path: Path, change: str, seek_blocks: int
 ) -> None:
@@ -257,6 +267,10 @@ class _NoSpaceOnce(Wrapper):
 
 
 @pytest.mark.parametrize("op", ["pwrite", "fdatasync"])
+@pytest.mark.expect_log(
+    r"flush refused for lack of space: \[Errno \d+\] No space left on device \(will retry\)",
+    r"entering failsafe mode: flush failed: \[Errno \d+\] No space left on device",
+)
 async def test_fsync_for_lack_of_space_says_enospc(op: str) -> None:
     """What the FUSE handler answers: ENOSPC, not EIO.  A refused overwrite keeps everything
     (the next fsync succeeds); a failed sync is failsafe (Linux may have dropped the data),
@@ -264,18 +278,18 @@ async def test_fsync_for_lack_of_space_says_enospc(op: str) -> None:
     memory = MemoryImage()
     await create_image(memory, 4 * MiB, cluster_size=4096, table_size=1)
     file = _NoSpaceOnce(memory)
-    image = await open_image(file)  # type: ignore[arg-type]
+    image = await open_image(file)
     fs = QedFS(image, file_name="d.raw", image_path="/nonexistent/d.qed")
     await image.write(8192, b"\x42" * 4096)
     file.op = op
     with pytest.raises(FUSEError) as info:
-        await fs.fsync(0, False)  # type: ignore[arg-type]
+        await fs.fsync(0, False)
     assert info.value.errno == errno.ENOSPC
     if op == "pwrite":
-        await fs.fsync(0, False)  # type: ignore[arg-type]
+        await fs.fsync(0, False)
         assert await image.read(8192, 4096) == b"\x42" * 4096
     else:
         with pytest.raises(FUSEError) as info:
-            await fs.fsync(0, False)  # type: ignore[arg-type]
+            await fs.fsync(0, False)
         assert info.value.errno == errno.EIO
     await image.close()

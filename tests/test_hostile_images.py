@@ -12,10 +12,8 @@ address space, whose peak RSS must stay below 256 MiB.
 
 from __future__ import annotations
 
-import logging
 import os
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,15 +34,6 @@ RSS_LIMIT_KIB = 256 * 1024
 # 4 TiB sparse file (4 KiB clusters) may touch all of its 128 MiB.  That is the bound the
 # README states (1/32768 of the file's size at 4 KiB clusters), on top of the 256 MiB.
 CORPUS_RSS_LIMIT_KIB = RSS_LIMIT_KIB + (4 << 40) // 4096 // 8 // 1024
-
-
-@pytest.fixture(autouse=True)
-def _quiet_engine_logs() -> Iterator[None]:
-    logger = logging.getLogger("qedfuse")
-    old = logger.level
-    logger.setLevel(logging.CRITICAL)
-    yield
-    logger.setLevel(old)
 
 
 def run_script(*args: str, timeout: float = 120) -> dict[str, Any]:
@@ -95,6 +84,13 @@ def test_corpus_covers_the_d1_list(tmp_path: Path) -> None:
             assert f.read(len(item.data)) == item.data
 
 
+@pytest.mark.expect_log(
+    r"\d+ invalid L\d+ entries; the guest ranges they map will fail with EIO",
+    r"entering failsafe mode: \d+ invalid L\d+ entries",
+    r"image had NEED_CHECK set; repaired on open: ",
+    r"L\d+ table at 0x[0-9a-f]+ has \d+ invalid entries",
+    r"entering failsafe mode: L\d+ table at 0x[0-9a-f]+ has \d+ invalid entries",
+)
 async def test_corpus_in_process(request: pytest.FixtureRequest) -> None:
     """Every corpus image: a clean refusal or a clean serve (details on failure)."""
     with trio.fail_after(240):
@@ -135,6 +131,10 @@ def test_check_memory_bounded_on_8tib_sparse_file() -> None:
     assert int(summary["maxrss_kib"]) < RSS_LIMIT_KIB
 
 
+@pytest.mark.expect_log(
+    r"L\d+ table at 0x[0-9a-f]+ has \d+ invalid entries",
+    r"entering failsafe mode: L\d+ table at 0x[0-9a-f]+ has \d+ invalid entries",
+)
 async def test_self_referencing_entries_never_write_into_metadata() -> None:
     """L2→L1, L2→own table, L2→other table, L2→header: writes fail, target bytes unchanged."""
     base, lay = hc.base_image(header_size=2)
@@ -171,6 +171,7 @@ async def test_self_referencing_entries_never_write_into_metadata() -> None:
         assert not hc.guest_data_in_metadata(file), label
 
 
+@pytest.mark.expect_log(r"image had NEED_CHECK set; repaired on open: ")
 async def test_bad_entries_are_repaired_when_need_check_is_set() -> None:
     """With NEED_CHECK set, a read-write open repairs; afterwards the image checks clean."""
     n_cases = 0
@@ -199,7 +200,7 @@ def test_protocol_backing_names_are_refused() -> None:
         if label not in labels:
             continue
         seen.add(label)
-        header = hc.fmt.Header.unpack(item.data)
+        header = fmt.Header.unpack(item.data)
         raw = item.data[header.backing_filename_offset :][: header.backing_filename_size]
         if label in ("json", "nbd", "nul", "not-utf8"):
             with pytest.raises(BackingFileError) as info:
@@ -210,6 +211,9 @@ def test_protocol_backing_names_are_refused() -> None:
     assert seen == labels
 
 
+@pytest.mark.expect_log(
+    r"file was changed by someone else \(before the flush\): its L\d+ table was overwritten"
+)
 async def test_harness_detects_an_engine_that_writes_through_bad_entries(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -236,6 +240,11 @@ async def _grow_past(img: engine.QedImage, n_clusters: int, first_guest_cluster:
             return
 
 
+@pytest.mark.expect_log(
+    r"\d+ invalid L\d+ entries; the guest ranges they map will fail with EIO",
+    r"entering failsafe mode: \d+ invalid L\d+ entries",
+    r"image had NEED_CHECK set; repaired on open: ",
+)
 async def test_past_eof_l1_entry_is_not_revived_by_growth() -> None:
     base, lay = hc.base_image()
     cs_ = lay.cs
@@ -253,6 +262,11 @@ async def test_past_eof_l1_entry_is_not_revived_by_growth() -> None:
         await img.close()
 
 
+@pytest.mark.expect_log(
+    r"L\d+ table at 0x[0-9a-f]+ has \d+ invalid entries",
+    r"entering failsafe mode: L\d+ table at 0x[0-9a-f]+ has \d+ invalid entries",
+    r"image had NEED_CHECK set; repaired on open: ",
+)
 async def test_past_eof_l2_entry_does_not_alias_new_data() -> None:
     base, lay = hc.base_image(second_table=False)
     cs_ = lay.cs

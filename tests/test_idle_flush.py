@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import trio
 import trio.testing
+from enginehelpers import need_check_on_disk
 
-from qedfuse import format as fmt
 from qedfuse.engine import open_image
 from qedfuse.imagefile import MemoryImage
 from qedfuse.tables import create_image
-
-
-def need_check_on_disk(file: MemoryImage) -> bool:
-    return fmt.Header.unpack(bytes(file.data[:64])).need_check
 
 
 async def test_idle_flush_clears_need_check_after_quiet_period(

@@ -20,7 +20,7 @@ import pytest
 from clifork import ForkedCli
 from fusehelpers import QEDFUSE, mount_entry, mounted, mounts_snapshot, wait_until
 
-from support import check_ok, describe, require_tool, run
+from support import check_ok, describe, qemu_img_create, require_tool, run
 
 pytestmark = [pytest.mark.fuse, pytest.mark.qemu]
 
@@ -45,9 +45,7 @@ def locked_bytes(path: Path) -> set[int]:
 
 
 def _create(tmp_path: Path, name: str = "disk.qed") -> Path:
-    image = tmp_path / name
-    check_ok(run([require_tool("qemu-img"), "create", "-f", "qed", image, "16M"]))
-    return image
+    return qemu_img_create(tmp_path / name, "16M")
 
 
 @contextlib.contextmanager

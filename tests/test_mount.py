@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import pyfuse3
 import pytest
@@ -44,10 +45,10 @@ from qedfuse.errors import CorruptionError, ReadOnlyError
 from qedfuse.fs import FILE_INODE, ROOT_INODE, QedFS, raw_file_name
 from qedfuse.imagefile import MemoryImage
 from qedfuse.tables import create_image
-from support import check_ok, require_tool, run
+from support import check_ok, qemu_img_create, require_tool, run
 
 MiB = 1024 * 1024
-CTX = None  # handlers never look at the request context
+CTX = cast(pyfuse3.RequestContext, None)  # handlers never look at the request context
 
 
 # ---------------------------------------------------------------------------- in-process
@@ -64,7 +65,7 @@ def _fs(image: QedImage, **kw: object) -> QedFS:
 
 
 @dataclass
-class Fields:
+class _FieldFlags:
     """Stand-in for pyfuse3.SetattrFields (whose attributes are read-only)."""
 
     update_size: bool = False
@@ -74,6 +75,11 @@ class Fields:
     update_atime: bool = False
     update_mtime: bool = False
     update_ctime: bool = False
+
+
+def Fields(**updates: bool) -> pyfuse3.SetattrFields:
+    """A SetattrFields with the given ``update_*`` flags set (the real one is read-only)."""
+    return cast(pyfuse3.SetattrFields, _FieldFlags(**updates))
 
 
 def errno_of(fn: Callable[..., object], *args: object) -> int:
@@ -231,6 +237,10 @@ async def test_xattrs_answer_enosys_so_the_kernel_stops_asking() -> None:
         assert _errno(info) == errno.ENOSYS
 
 
+@pytest.mark.expect_log(
+    r"unexpected error in the read of guest bytes \d+\+\d+",
+    r"entering failsafe mode: unexpected ZeroDivisionError in read of guest bytes \d+\+\d+",
+)
 async def test_guard_turns_a_bug_into_eio_and_failsafe(monkeypatch: pytest.MonkeyPatch) -> None:
     image = await _image()
     fs = _fs(image)
@@ -265,6 +275,13 @@ async def test_guard_turns_a_bug_into_eio_and_failsafe(monkeypatch: pytest.Monke
         (AssertionError("bug"), errno.EIO, True),
         (KeyError("bug"), errno.EIO, True),
     ],
+)
+@pytest.mark.expect_log(
+    r"write of guest bytes \d+\+\d+ refused \(EIO\), corrupt metadata: bad L\d+ entry",
+    r"entering failsafe mode: corrupt metadata in write of guest bytes \d+\+\d+: bad L\d+ entry",
+    r"unexpected error in the write of guest bytes \d+\+\d+",
+    r"entering failsafe mode: unexpected AssertionError in write of guest bytes \d+\+\d+",
+    r"entering failsafe mode: unexpected KeyError in write of guest bytes \d+\+\d+",
 )
 async def test_guard_mapping(
     monkeypatch: pytest.MonkeyPatch, exc: Exception, code: int, failsafe: bool
@@ -337,11 +354,7 @@ def qemu_img_tool() -> str:
 
 
 def _create(qemu_img: str, path: Path, size: str = "64M", *opts: str) -> Path:
-    args = [qemu_img, "create", "-f", "qed"]
-    if opts:
-        args += ["-o", ",".join(opts)]
-    check_ok(run([*args, path, size]))
-    return path
+    return qemu_img_create(path, size, *opts, qemu_img=qemu_img)
 
 
 def _check_clean(qemu_img: str, image: Path) -> None:
@@ -761,6 +774,12 @@ def _hostile(qemu_img: str, tmp_path: Path) -> Path:
 
 
 @pytest.mark.fuse
+@pytest.mark.expect_log(
+    r"L\d+ table at 0x[0-9a-f]+ has \d+ invalid entries",
+    r"entering failsafe mode: L\d+ table at 0x[0-9a-f]+ has \d+ invalid entries",
+    r"read of guest bytes \d+\+\d+ refused \(EIO\), corrupt metadata: invalid L\d+ entry \d+ ",
+    r"the image was in failsafe mode \(.*\); it was not flushed; NEED_CHECK is set",
+)
 def test_unflushable_image_exits_1_and_keeps_need_check(tmp_path: Path, qemu_img_tool: str) -> None:
     image = _hostile(qemu_img_tool, tmp_path)
     header = qededit.read_header(image)

@@ -17,20 +17,12 @@ import pytest
 from fusehelpers import loop_device, mounted, need_check
 
 from support import check_ok, require_tool, run
+from support import qemu_img_create as _create
 
 KiB = 1024
 MiB = 1024 * KiB
 
 pytestmark = pytest.mark.fuse
-
-
-def _create(path: Path, size: str, *opts: str) -> Path:
-    qemu_img = require_tool("qemu-img")
-    args = [qemu_img, "create", "-f", "qed"]
-    if opts:
-        args += ["-o", ",".join(opts)]
-    check_ok(run([*args, path, size]))
-    return path
 
 
 def _qemu_view(image: Path, out: Path) -> bytes:

@@ -225,6 +225,17 @@ def fan_size(cs: int, kind: str = "one-table") -> int:
 # ============================================================================ engine
 
 
+def _mount_refused(image: Path, mnt: Path) -> subprocess.CompletedProcess[str]:
+    """``qedfuse mount IMAGE MNT``, which must fail; unmounts if it mounted anyway."""
+    try:
+        cp = run([QEDFUSE, "mount", image, mnt], timeout=60)
+    finally:
+        if mount_entry(mnt) is not None:
+            fusermount_u(mnt)
+    assert cp.returncode != 0, describe(cp)
+    return cp
+
+
 @pytest.mark.sample(14)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("cs", CLUSTER_SIZES, ids=lambda cs: f"cs{cs // KiB}k")
@@ -309,12 +320,7 @@ async def test_the_issue_image_16mib_clusters_5000_references(tmp_path: Path) ->
         require_fuse()
         mnt = tmp_path / "mnt"
         mnt.mkdir()
-        try:
-            cp = run([QEDFUSE, "mount", fan.path, mnt], timeout=60)
-        finally:
-            if mount_entry(mnt) is not None:
-                fusermount_u(mnt)
-        assert cp.returncode != 0, describe(cp)
+        cp = _mount_refused(fan.path, mnt)
         assert cp.stderr.count("\n") == 1, cp.stderr
         assert f"--duplicates=unmap {fan.path}" in cp.stderr
         assert digest(fan.path) == before
@@ -478,6 +484,7 @@ def test_cli_repair_options_need_r(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("cs", [64 * KiB, 16 * MiB], ids=lambda c: f"{c}")
+@pytest.mark.expect_log(r"image had NEED_CHECK set; repaired on open: ")
 def test_mount_repair_on_open_gives_the_same_advice(cs: int, tmp_path: Path) -> None:
     """A read-write mount of a NEED_CHECK fan on a filesystem without room for the copies:
     the mount fails with the same one-line advice, nothing is mounted, the image is
@@ -489,12 +496,7 @@ def test_mount_repair_on_open_gives_the_same_advice(cs: int, tmp_path: Path) -> 
         fan = build_fan(fs / "fan.qed", cs, "across-tables", fan_size(cs))
         set_available(fs, fan.need // 2)
         before = digest(fan.path)
-        try:
-            cp = run([QEDFUSE, "mount", fan.path, mnt], timeout=60)
-        finally:
-            if mount_entry(mnt) is not None:
-                fusermount_u(mnt)
-        assert cp.returncode != 0, describe(cp)
+        cp = _mount_refused(fan.path, mnt)
         lines = cp.stderr.strip().splitlines()
         assert len(lines) == 1, cp.stderr
         assert "repair refused, nothing was changed" in lines[0]
@@ -566,6 +568,7 @@ def test_repair_memory_bounded_under_rlimit_as(tmp_path: Path) -> None:
 # ============================================================================ corpus
 
 
+@pytest.mark.expect_log(r"image had NEED_CHECK set; repaired on open: ")
 async def test_corpus_fans_are_repaired_or_refused_in_memory() -> None:
     """The hostile corpus's duplicate fans (in-memory files, no free space to see): small
     fans are repaired by copying on a read-write open; the GiB-sized ones are refused with

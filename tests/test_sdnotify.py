@@ -146,7 +146,7 @@ def test_send_errors_return_false_and_never_raise(
 ) -> None:
     # os.environ rejects NUL, so patch the lookup for that case only.
     if "\0" in value:
-        monkeypatch.setattr(sdnotify.os, "environ", {"NOTIFY_SOCKET": value})
+        monkeypatch.setattr(os, "environ", {"NOTIFY_SOCKET": value})
     else:
         monkeypatch.setenv("NOTIFY_SOCKET", value)
     assert sdnotify.notify("READY=1") is False

@@ -30,20 +30,14 @@ from fusehelpers import QEDFUSE, daemon_pid, mounted, need_check, pid_alive, qed
 
 from qedfuse import control
 from qedfuse.mount import qedfuse_mounts
+from qedfuse.procfs import process_state
 from support import check_ok, describe, require_fuse, require_tool, run, tools_required
+from support import qemu_img_create as _create
 
 KiB = 1024
 MiB = 1024 * KiB
 
 pytestmark = pytest.mark.fuse
-
-
-def _create(path: Path, size: str, *opts: str) -> Path:
-    args = [require_tool("qemu-img"), "create", "-q", "-f", "qed"]
-    if opts:
-        args += ["-o", ",".join(opts)]
-    check_ok(run([*args, path, size]))
-    return path
 
 
 def status(mnt: Path, *args: str, timeout: float = 30) -> dict[str, Any]:
@@ -239,7 +233,7 @@ def stopped(pid: int) -> Iterator[None]:
     """SIGSTOP ``pid``; always SIGCONT it again."""
     os.kill(pid, signal.SIGSTOP)
     try:
-        wait_until(lambda: control.process_state(pid) in ("T", "t"), 10, f"pid {pid} to stop")
+        wait_until(lambda: process_state(pid) in ("T", "t"), 10, f"pid {pid} to stop")
         yield
     finally:
         os.kill(pid, signal.SIGCONT)
@@ -433,6 +427,12 @@ def _corrupt_image(tmp_path: Path, bad_cluster: int, how: str) -> tuple[Path, in
     ("how", "bad_cluster"), [("into-l1", 1), ("unaligned", 6), ("past-eof", 3)]
 )
 @pytest.mark.sample(2)
+@pytest.mark.expect_log(
+    r"L\d+ table at 0x[0-9a-f]+ has \d+ invalid entries",
+    r"entering failsafe mode: L\d+ table at 0x[0-9a-f]+ has \d+ invalid entries",
+    r"read of guest bytes \d+\+\d+ refused \(EIO\), corrupt metadata: invalid L\d+ entry \d+ ",
+    r"the image was in failsafe mode \(.*\); it was not flushed; NEED_CHECK is set",
+)
 def test_failsafe_shows_its_reason_and_the_range(
     tmp_path: Path, how: str, bad_cluster: int
 ) -> None:
@@ -471,6 +471,7 @@ def test_failsafe_shows_its_reason_and_the_range(
     assert f"{image}: {guest} refused (EIO)" in log, log
 
 
+@pytest.mark.expect_log(r"image had NEED_CHECK set; repaired on open: ")
 def test_repair_on_open_is_a_warning_naming_the_image(tmp_path: Path) -> None:
     image = _create(tmp_path / "dirty.qed", "4M")
     qededit.set_need_check(image, True)

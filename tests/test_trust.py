@@ -24,7 +24,7 @@ import pytest
 from fusehelpers import QEDFUSE, mounted, qedfuse
 
 from qedfuse.mount import mount_entry
-from support import check_ok, describe, require_tool, run, sampled, tools_required
+from support import check_ok, describe, qemu_img_create, require_tool, run, sampled, tools_required
 
 pytestmark = pytest.mark.fuse
 
@@ -89,8 +89,7 @@ def _need_root() -> None:
 
 
 def _create(path: Path) -> Path:
-    check_ok(run([require_tool("qemu-img"), "create", "-q", "-f", "qed", path, "4M"]))
-    return path
+    return qemu_img_create(path, "4M")
 
 
 @contextlib.contextmanager
@@ -232,7 +231,7 @@ def _variants(answer: dict[str, Any]) -> Iterator[tuple[str, Any]]:
         for key, value in node.items():
             for label, bad in (("missing", None), ("string", "x"), ("list", [1]), ("null", 0)):
                 variant = copy.deepcopy(answer)
-                parent = variant
+                parent: Any = variant
                 for step in path:
                     parent = parent[step]
                 if label == "missing":
@@ -247,12 +246,12 @@ def _variants(answer: dict[str, Any]) -> Iterator[tuple[str, Any]]:
             if isinstance(value, dict):
                 yield from walk(value, [*path, key])
             if isinstance(value, list) and value and isinstance(value[0], dict):
-                for label, bad in (("item missing keys", {}), ("item a string", "x")):
+                for label, bad_item in (("item missing keys", {}), ("item a string", "x")):
                     variant = copy.deepcopy(answer)
                     parent = variant
                     for step in [*path, key]:
                         parent = parent[step]
-                    parent[0] = bad
+                    parent[0] = bad_item
                     yield f"{'.'.join([*path, key])}[0]:{label}", variant
 
     yield from walk(answer, [])

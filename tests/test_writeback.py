@@ -199,6 +199,7 @@ def test_c5_concurrent_writers_without_writeback_cache(tmp_path: Path) -> None:
     assert figures["peak_in_flight"] == 1  # the kernel serialises writes to one inode
 
 
+@pytest.mark.expect_log(r"image had NEED_CHECK set; repaired on open: ")
 def test_sigkill_after_fsync_with_writeback_cache(tmp_path: Path) -> None:
     """The writeback cache keeps fsync semantics: O_SYNC writes (FSYNC after the kernel's
     writeback) survive a SIGKILL of the daemon."""
