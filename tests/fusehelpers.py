@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qedfuse.mount import find_daemon
+from qedfuse.registry import find_daemon
 from support import describe, require_fuse, require_tool, run
 
 QEDFUSE = str(Path(sys.executable).with_name("qedfuse"))
