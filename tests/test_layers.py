@@ -31,7 +31,8 @@ IO_MODULES = frozenset(
 FORMAT_ALLOWED = {
     "qedfuse.errors": "format raises FormatError/LimitError, defined with the other user-facing "
     "errors; imported inside functions. errors.py does no I/O beyond say() (one line on "
-    "stderr, which format never calls; its only qedfuse import is under TYPE_CHECKING). Issue 13's single user-error type may move it.",
+    "stderr, which format never calls; its only qedfuse import is under TYPE_CHECKING). "
+    "Issue 13's single user-error type may move it.",
 }
 
 #: Modules other than qedfuse/imagefile.py (the I/O seam) that import qedfuse.uring.
