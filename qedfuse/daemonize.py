@@ -20,7 +20,7 @@ import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from qedfuse.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, UserError, say
+from qedfuse.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, UserError, one_line, say
 from qedfuse.mounttable import FSTYPE, MountError, mount_entry
 from qedfuse.umount import fusermount
 
@@ -162,7 +162,7 @@ class Reporter:
         if self.done:
             log.error("%s", message)
             return
-        line = " ".join(message.splitlines())
+        line = one_line(message)
         if self.fd is None:
             say(line)
             self.done = True
