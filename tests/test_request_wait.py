@@ -9,6 +9,7 @@ requests without an epoll wait.  A non-blocking pipe stands in for ``/dev/fuse``
 
 from __future__ import annotations
 
+import errno
 import inspect
 import os
 import random
@@ -173,7 +174,9 @@ def test_a_read_that_meets_the_teardown_ends_the_session(
         return exc
 
     async def aborted_main(*_: object) -> None:
-        raise wrapped(OSError(103, "fuse_session_receive_buf failed with connection abort"))
+        raise wrapped(
+            OSError(errno.ECONNABORTED, "fuse_session_receive_buf failed with connection abort")
+        )
 
     monkeypatch.setattr(pyfuse3, "main", aborted_main)
     caplog.set_level("INFO", logger="qedfuse")
@@ -181,7 +184,7 @@ def test_a_read_that_meets_the_teardown_ends_the_session(
     assert "the FUSE session ended during a read" in caplog.text
 
     async def failing_main(*_: object) -> None:
-        raise wrapped(OSError(5, "fuse_session_receive_buf failed with EIO"))
+        raise wrapped(OSError(errno.EIO, "fuse_session_receive_buf failed with EIO"))
 
     monkeypatch.setattr(pyfuse3, "main", failing_main)
     with pytest.raises((OSError, ExceptionGroup)) as info:
@@ -190,4 +193,4 @@ def test_a_read_that_meets_the_teardown_ends_the_session(
     while isinstance(inner, BaseExceptionGroup):
         inner = inner.exceptions[0]
     assert isinstance(inner, OSError), info.value
-    assert inner.errno == 5, info.value
+    assert inner.errno == errno.EIO, info.value
