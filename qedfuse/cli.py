@@ -36,7 +36,7 @@ from typing import NoReturn, TextIO
 import trio
 
 from qedfuse import __version__, tools
-from qedfuse.errors import QedError, UsageError, one_line
+from qedfuse.errors import QedError, UsageError, one_line, say
 from qedfuse.errors import UserError as CliError
 from qedfuse.logsetup import setup_logging
 
@@ -506,7 +506,7 @@ def _run_commit(ns: argparse.Namespace) -> int:
 def _ask_daemons(ns: argparse.Namespace, command: str) -> list[dict[str, object]]:
     """``command`` answered by the daemon of ``ns.mountpoint``, or of every qedfuse mount."""
     from qedfuse import control
-    from qedfuse.mount import qedfuse_mounts
+    from qedfuse.registry import qedfuse_mounts
 
     mountpoint = getattr(ns, "mountpoint", None)
     refs = qedfuse_mounts(mountpoint)
@@ -607,14 +607,6 @@ def _libfuse_version() -> str | None:
 # ---------------------------------------------------------------------- main
 
 
-def _one_line(text: str) -> str:
-    return " ".join(text.split()) or "unknown error"
-
-
-def _describe(exc: BaseException) -> str:
-    return one_line(exc)
-
-
 def _contains(exc: BaseException, kind: type[BaseException]) -> bool:
     """True if ``exc`` is a ``kind`` or an exception group holding one at any depth."""
     if isinstance(exc, BaseExceptionGroup):
@@ -632,8 +624,7 @@ def _unwrap(exc: BaseException) -> BaseException:
 def _fail(message: str, *, debug: bool, exc: BaseException | None = None) -> None:
     if debug and exc is not None:
         traceback.print_exception(exc, file=sys.stderr)
-    sys.stderr.write(f"{PROG}: {_one_line(message)}\n")
-    sys.stderr.flush()
+    say(" ".join(message.split()) or "unknown error")  # runs of blanks too become one space
 
 
 def _interrupted(*, debug: bool, exc: BaseException | None) -> int:
@@ -687,7 +678,7 @@ def _guarded_main(args: list[str]) -> int:
                 return 1
             return exc.exit_code
         if isinstance(exc, (QedError, OSError)):
-            _fail(_describe(exc), debug=debug, exc=exc)
+            _fail(one_line(exc), debug=debug, exc=exc)
             return 1
         if isinstance(exc, Exception):
             hint = "" if debug else " (run with --debug for a traceback)"
@@ -712,9 +703,9 @@ def _main(args: list[str]) -> int:
     if ns.command is None:
         raise UsageError(f"a command is required: {', '.join(COMMANDS)} (see '{PROG} --help')")
     if ns.command in ("mount", "umount"):
-        from qedfuse import mount
+        from qedfuse import mount, umount
 
-        run = mount.mount_main if ns.command == "mount" else mount.umount_main
+        run = mount.mount_main if ns.command == "mount" else umount.umount_main
         return int(run(ns))
     setup_logging(debug, level=logging.DEBUG if debug else logging.WARNING)
     return _HANDLERS[ns.command](ns)

@@ -20,7 +20,7 @@ Client
 ------
 :func:`query` never touches the mount (a stopped FUSE daemon hangs every syscall into its
 mount): it reads ``/proc/self/mountinfo`` and the registry (done by the caller, see
-:func:`qedfuse.mount.qedfuse_mounts`) and talks to the socket with a timeout.  A daemon that
+:func:`qedfuse.registry.qedfuse_mounts`) and talks to the socket with a timeout.  A daemon that
 does not answer in time is ``stopped`` (SIGSTOP: state ``T`` in ``/proc/PID/stat``) or
 ``not responding``; one whose process is gone is ``dead``.
 

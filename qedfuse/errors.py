@@ -8,10 +8,18 @@ subclass whose ``str()`` is one complete line, fit to print after ``qedfuse: ``.
 from __future__ import annotations
 
 import errno
+import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from qedfuse.locking import LockMode
+
+
+#: Exit statuses every command shares (``cli`` adds the broken-pipe one).
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # Ctrl-C, as the shell reports SIGINT
 
 
 class QedError(Exception):
@@ -27,7 +35,7 @@ class UserError(QedError):
     catches it and prints ``qedfuse: <message>``.
     """
 
-    def __init__(self, message: str, exit_code: int = 1) -> None:
+    def __init__(self, message: str, exit_code: int = EXIT_FAILURE) -> None:
         super().__init__(message)
         self.exit_code = exit_code
 
@@ -36,7 +44,7 @@ class UsageError(UserError):
     """A bad command line (exit status 2, like argparse's errors)."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(message, 2)
+        super().__init__(message, EXIT_USAGE)
 
 
 def one_line(exc: BaseException | str) -> str:
@@ -49,6 +57,13 @@ def one_line(exc: BaseException | str) -> str:
     else:
         text = str(exc) or type(exc).__name__
     return " ".join(text.splitlines())
+
+
+def say(message: BaseException | str) -> None:
+    """Print ``qedfuse: <message>`` as one line on stderr: how a command reports a failure or
+    a notice (``cli`` for what reaches ``main``, the mount commands for what they tell on the
+    way)."""
+    print(f"qedfuse: {one_line(message)}", file=sys.stderr, flush=True)
 
 
 class FormatError(QedError):

@@ -311,7 +311,7 @@ class FileImage:
 
     async def pwrite(self, offset: int, data: Buffer) -> None:
         if self._read_only:
-            raise OSError(9, "image file is open read-only")
+            raise OSError(errno.EBADF, "image file is open read-only")
         self.pwrites += 1
         self.bytes_written += len(data)
         if self._threaded_io:
@@ -418,7 +418,7 @@ class MemoryImage:
 
     async def pwrite(self, offset: int, data: Buffer) -> None:
         if self._read_only:
-            raise OSError(9, "image file is open read-only")
+            raise OSError(errno.EBADF, "image file is open read-only")
         await trio.lowlevel.checkpoint()
         end = offset + len(data)
         if end > len(self.data):

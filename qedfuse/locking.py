@@ -204,7 +204,7 @@ def _command(pid: int) -> str:
 
 
 def _describe_pid(pid: int) -> str:
-    from qedfuse.mount import mountpoint_of_daemon
+    from qedfuse.registry import mountpoint_of_daemon
 
     mountpoint = mountpoint_of_daemon(pid)
     if mountpoint is not None:

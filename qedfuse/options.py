@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from qedfuse.errors import UsageError
+
 #: Options libfuse 3.14 accepts and that qedfuse hands on unchanged.
 PASS_THROUGH = frozenset(
     {
@@ -77,8 +79,11 @@ DEFAULT_UMASK = 0o077
 DEFAULT_FLUSH_DELAY = 5.0
 
 
-class OptionError(ValueError):
-    """A bad ``-o`` option; ``str()`` is the one-line message (without ``qedfuse: ``)."""
+class OptionError(UsageError, ValueError):
+    """A bad ``-o`` option; ``str()`` is the one-line message (without ``qedfuse: ``).
+
+    A :class:`~qedfuse.errors.UsageError` (exit status 2) that ``cli`` prints; still a
+    ValueError, as before it was one."""
 
 
 class CacheMode(enum.Enum):

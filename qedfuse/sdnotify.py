@@ -19,6 +19,8 @@ import logging
 import os
 import socket
 
+from qedfuse.errors import one_line
+
 log = logging.getLogger(__name__)
 
 #: Upper bound on one send; the manager drains its socket at once, so this only matters when
@@ -60,7 +62,7 @@ def ready(status_text: str | None = None) -> bool:
     """Report that start-up finished (the mount serves); optionally with a status line."""
     if status_text is None:
         return notify("READY=1")
-    return notify(f"READY=1\nSTATUS={_one_line(status_text)}")
+    return notify(f"READY=1\nSTATUS={one_line(status_text)}")
 
 
 def stopping() -> bool:
@@ -70,9 +72,4 @@ def stopping() -> bool:
 
 def status(text: str) -> bool:
     """Set the free-form status line ``systemctl status`` shows."""
-    return notify(f"STATUS={_one_line(text)}")
-
-
-def _one_line(text: str) -> str:
-    """Newlines would start a new assignment; fold them into spaces."""
-    return " ".join(text.splitlines())
+    return notify(f"STATUS={one_line(text)}")

@@ -23,6 +23,7 @@ kernel until the completion arrives.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import platform
 import struct
@@ -181,7 +182,7 @@ class Ring:
         if (tail - self._sq_head.value) & _U32 >= self._sq_entries:
             self._enter()  # unsent entries from a failed enter: push them first
             if (tail - self._sq_head.value) & _U32 >= self._sq_entries:
-                raise OSError(11, "io_uring submission queue full")
+                raise OSError(errno.EAGAIN, "io_uring submission queue full")
         op_id = self._next_id
         self._next_id += 1
         self.submitted += 1
@@ -223,9 +224,9 @@ class Ring:
             if _libc.syscall(_SYS_IO_URING_ENTER, self.fd, pending, 0, 0, None, 0) >= 0:
                 continue
             err = ctypes.get_errno()
-            if err in (11, 16):  # EAGAIN, EBUSY: short of memory or completions backed up;
+            if err in (errno.EAGAIN, errno.EBUSY):  # short of memory or completions backed up;
                 return  # the entries stay queued and _wait pushes them again
-            if err != 4:  # EINTR: again; anything else is not going to get better
+            if err != errno.EINTR:  # again; anything else is not going to get better
                 raise OSError(err, f"io_uring_enter: {os.strerror(err)}")
 
     # ------------------------------------------------------------------ completion

@@ -25,8 +25,8 @@ from pathlib import Path
 import logcheck
 from qededit import need_check as need_check  # the on-disk NEED_CHECK bit
 
-from qedfuse.mount import find_daemon
 from qedfuse.procfs import process_state
+from qedfuse.registry import find_daemon
 from support import describe, require_fuse, require_tool, run
 
 QEDFUSE = str(Path(sys.executable).with_name("qedfuse"))

@@ -22,6 +22,7 @@ tests run it that way for the memory claims.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import random
@@ -121,7 +122,7 @@ class SparseImage:
 
     async def pwrite(self, offset: int, data: Buffer) -> None:
         if self._read_only:
-            raise OSError(9, "image file is open read-only")
+            raise OSError(errno.EBADF, "image file is open read-only")
         await trio.lowlevel.checkpoint()
         self._write_sync(offset, bytes(data))
 
@@ -130,7 +131,7 @@ class SparseImage:
 
     async def ftruncate(self, size: int) -> None:
         if self._read_only:
-            raise OSError(9, "image file is open read-only")
+            raise OSError(errno.EBADF, "image file is open read-only")
         await trio.lowlevel.checkpoint()
         for index in [k for k in self.blocks if k * self.BLOCK >= size]:
             del self.blocks[index]

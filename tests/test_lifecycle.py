@@ -31,14 +31,14 @@ from fusehelpers import QEDFUSE, Mounted, mount_entry, mounted, need_check, pid_
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qedfuse import mount as qmount
+from qedfuse import mounttable, registry
 from support import check_ok, require_tool, run
 
 MiB = 1024 * 1024
 #: What a command may take beyond its own bound: interpreter start-up and imports take
 #: 0.5 s on an idle box and up to 2.5 s measured with 7 engineers on 2 cores.
 SLACK_S = 4.0
-PROBE_S = qmount.PROBE_TIMEOUT_S
+PROBE_S = mounttable.PROBE_TIMEOUT_S
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -54,7 +54,7 @@ def paused() -> Iterator[Callable[[int], contextlib.AbstractContextManager[None]
         stopped.append(pid)
         os.kill(pid, signal.SIGSTOP)
         try:
-            wait_until(lambda: qmount._is_stopped(pid), 10, f"pid {pid} to stop")
+            wait_until(lambda: registry.is_stopped(pid), 10, f"pid {pid} to stop")
             yield
         finally:
             with contextlib.suppress(OSError):
@@ -118,12 +118,12 @@ def _no_trouble(m: Mounted) -> None:
 def _cleanup(physical: str) -> Iterator[None]:
     """Whatever happens inside, leave nothing mounted at ``physical`` and no daemon behind
     (only the daemon that mountinfo and the registry tie to this very mount point)."""
-    entry = qmount.mount_entry(physical)
-    daemon = qmount.daemon_for(entry) if entry is not None else None
+    entry = mounttable.mount_entry(physical)
+    daemon = registry.daemon_for(entry) if entry is not None else None
     try:
         yield
     finally:
-        if qmount.mount_entry(physical) is not None:
+        if mounttable.mount_entry(physical) is not None:
             run(["fusermount3", "-uz", physical], timeout=30)
         if daemon is not None and daemon.alive():
             with contextlib.suppress(OSError):
@@ -146,7 +146,7 @@ def _sleeping(pid: int) -> bool:
 def _registry_files(pid: int) -> list[str]:
     return [
         p
-        for d in qmount._registry_dirs()
+        for d in registry._registry_dirs()
         for p in glob.glob(os.path.join(d, f"mount-*-{pid}.json"))
     ]
 
@@ -197,15 +197,15 @@ def test_resolve_path_gives_one_identity(
     _tree(tmp_path, leaf)
     want = os.path.realpath(tmp_path / "real dir" / leaf)
     for variant in _variants(tmp_path, leaf):
-        got = qmount.resolve_path(variant)
+        got = mounttable.resolve_path(variant)
         assert got.path == want, variant
         assert got.kind == "dir", variant
         assert got.mount is None, variant
     monkeypatch.chdir(tmp_path / "lnk")
-    assert qmount.resolve_path(leaf).path == want
-    assert qmount.resolve_path(f"./sub/up/{leaf}/").path == want
-    assert qmount.resolve_path("../leaflink").path == want
-    missing = qmount.resolve_path(f"{tmp_path}/lnk/nothing/../x")
+    assert mounttable.resolve_path(leaf).path == want
+    assert mounttable.resolve_path(f"./sub/up/{leaf}/").path == want
+    assert mounttable.resolve_path("../leaflink").path == want
+    missing = mounttable.resolve_path(f"{tmp_path}/lnk/nothing/../x")
     assert missing.kind == "missing"
     assert missing.path == os.path.join(os.path.realpath(tmp_path), "real dir", "x")
 
@@ -241,7 +241,7 @@ def test_resolve_path_agrees_with_the_kernel(
     """Outside any mount, resolve_path finds what the kernel finds: random walks through a
     link farm (realpath is the oracle for paths the kernel resolves)."""
     path = str(link_farm) + "/" + "/".join(tokens) + ("/" if slash else "")
-    got = qmount.resolve_path(path)
+    got = mounttable.resolve_path(path)
     if got.kind == "missing":  # the kernel fails such a path: only the verdict must agree
         assert not os.path.exists(path), path
     else:
@@ -254,13 +254,13 @@ def test_resolve_path_agrees_with_the_kernel(
 def test_resolve_path_symlink_loop(tmp_path: Path) -> None:
     (tmp_path / "a").symlink_to("b")
     (tmp_path / "b").symlink_to("a")
-    with pytest.raises(qmount.MountError, match="too many levels of symbolic links"):
-        qmount.resolve_path(str(tmp_path / "a" / "m"))
+    with pytest.raises(mounttable.MountError, match="too many levels of symbolic links"):
+        mounttable.resolve_path(str(tmp_path / "a" / "m"))
 
 
 def test_mountinfo_tree_stacked_and_shadowed() -> None:
     """The visible mount at a path follows the mount tree: stacked mounts, shadowed ones."""
-    E = qmount.MountEntry
+    E = mounttable.MountEntry
     entries = [
         E("/", "ext4", "/dev/root", "8:1", 20, 1),
         E("/a", "tmpfs", "t1", "0:30", 21, 20),
@@ -269,13 +269,13 @@ def test_mountinfo_tree_stacked_and_shadowed() -> None:
         E("/a/m", "fuse.qedfuse", "x.qed", "0:41", 24, 23),
         E("/a/m", "fuse.qedfuse", "y.qed", "0:42", 25, 24),  # stacked on x.qed
     ]
-    root = qmount._root_mount(entries)
+    root = mounttable._root_mount(entries)
     assert root is not None
     assert root.mount_id == 20
-    a = qmount._covering(entries, root, "/a")
+    a = mounttable._covering(entries, root, "/a")
     assert a is not None
     assert a.source == "t2"
-    m = qmount._covering(entries, a, "/a/m")
+    m = mounttable._covering(entries, a, "/a/m")
     assert m is not None
     assert m.source == "y.qed"
 
@@ -295,10 +295,10 @@ def test_umount_wait_through_any_path(tmp_path: Path, leaf: str) -> None:
     for i, (via_mount, via_umount) in enumerate(zip(variants[::3], variants[::-3], strict=False)):
         check_ok(run([QEDFUSE, "mount", image, via_mount]))
         with _cleanup(physical):
-            entry = qmount.mount_entry(physical)
+            entry = mounttable.mount_entry(physical)
             assert entry is not None, (i, via_mount)
             assert entry.fstype == "fuse.qedfuse", (i, via_mount)
-            found = qmount.find_daemon(via_umount)
+            found = registry.find_daemon(via_umount)
             assert found is not None, via_umount
             pid = found[0]
             with open(os.path.join(physical, "disk.raw"), "r+b") as f:
@@ -306,7 +306,7 @@ def test_umount_wait_through_any_path(tmp_path: Path, leaf: str) -> None:
             cp = check_ok(run([QEDFUSE, "umount", "--wait", via_umount], timeout=60))
             assert cp.stderr == ""
             assert not pid_alive(pid), (via_mount, via_umount)
-            assert qmount.mount_entry(physical) is None
+            assert mounttable.mount_entry(physical) is None
             assert not need_check(image)
 
 
@@ -556,7 +556,7 @@ def test_make_run_never_stats_a_stopped_mount(tmp_path: Path, paused: Pause) -> 
     cmd += [f"IMAGE={image}", f"MNT={mnt}"]
     cp = check_ok(run(cmd, timeout=120, env=env))
     assert f"raw disk:   {physical}/disk.raw" in cp.stdout, cp.stdout
-    found = qmount.find_daemon(mnt)
+    found = registry.find_daemon(mnt)
     assert found is not None
     pid = found[0]
     try:

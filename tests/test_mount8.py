@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from qedfuse.format import Header
-from qedfuse.mount import find_daemon
+from qedfuse.registry import find_daemon
 from support import check_ok, describe, require_fuse, require_tool, run
 
 INSTALLED_QEDFUSE = Path("/usr/local/bin/qedfuse")

@@ -16,6 +16,7 @@ RLIMIT_AS for memory.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -402,7 +403,7 @@ async def test_a_failing_copy_is_cut_off_again(tmp_path: Path) -> None:
             if offset >= grow_from:
                 FailingFile.writes += 1
                 if FailingFile.writes > 3:
-                    raise OSError(28, "No space left on device")
+                    raise OSError(errno.ENOSPC, "No space left on device")
             await super().pwrite(offset, data)  # type: ignore[arg-type]
 
     with tmpfs(tmp_path / "fs", 64 * MiB) as fs:

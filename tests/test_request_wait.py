@@ -1,6 +1,6 @@
 """The daemon's request loop: qedfuse's stand-in for pyfuse3's wait for ``/dev/fuse``.
 
-``fs._RequestWait`` must never return True unless a read of the descriptor would not block
+``fuseloop._RequestWait`` must never return True unless a read of the descriptor would not block
 (the real one is a blocking ``/dev/fuse``: a wrong True would freeze the daemon), must let
 every worker stop on terminate and at the end of the session, and must actually take queued
 requests without an epoll wait.  A non-blocking pipe stands in for ``/dev/fuse`` in process
@@ -9,6 +9,7 @@ requests without an epoll wait.  A non-blocking pipe stands in for ``/dev/fuse``
 
 from __future__ import annotations
 
+import errno
 import inspect
 import os
 import random
@@ -22,20 +23,20 @@ import trio
 import trio.lowlevel
 from fusehelpers import mounted, need_check
 
-from qedfuse import fs
+from qedfuse import fuseloop
 from support import check_ok, require_tool, run
 
 
-def _gate_on_pipe() -> tuple[fs._RequestWait, int, int]:
+def _gate_on_pipe() -> tuple[fuseloop._RequestWait, int, int]:
     r, w = os.pipe()
     os.set_blocking(r, False)
     poller = select.poll()
     poller.register(r, select.POLLIN)
-    return fs._RequestWait(r, lambda: bool(poller.poll(0))), r, w
+    return fuseloop._RequestWait(r, lambda: bool(poller.poll(0))), r, w
 
 
 async def _workers(
-    gate: fs._RequestWait, fd: int, n: int, stats: dict[str, int], rnd: random.Random
+    gate: fuseloop._RequestWait, fd: int, n: int, stats: dict[str, int], rnd: random.Random
 ) -> None:
     """pyfuse3's worker loop in miniature: wait, read one 'request', handle it."""
 
@@ -103,7 +104,7 @@ def test_never_true_without_a_request_and_every_worker_stops(end: str, seed: int
 
 
 def test_pyfuse3_still_calls_the_hook_we_replace() -> None:
-    """fs.fuse_main swaps pyfuse3._wait_fuse_readable (pyfuse3 3.4/3.5's worker loop calls
+    """fuseloop.fuse_main swaps pyfuse3._wait_fuse_readable (pyfuse3 3.4/3.5's worker loop calls
     it by module lookup).  If a pyfuse3 release renames it, the daemon silently falls back to
     the slow loop: this test says so first."""
     assert inspect.iscoroutinefunction(getattr(pyfuse3, "_wait_fuse_readable", None))
@@ -173,21 +174,23 @@ def test_a_read_that_meets_the_teardown_ends_the_session(
         return exc
 
     async def aborted_main(*_: object) -> None:
-        raise wrapped(OSError(103, "fuse_session_receive_buf failed with connection abort"))
+        raise wrapped(
+            OSError(errno.ECONNABORTED, "fuse_session_receive_buf failed with connection abort")
+        )
 
     monkeypatch.setattr(pyfuse3, "main", aborted_main)
     caplog.set_level("INFO", logger="qedfuse")
-    trio.run(fs.fuse_main)
+    trio.run(fuseloop.fuse_main)
     assert "the FUSE session ended during a read" in caplog.text
 
     async def failing_main(*_: object) -> None:
-        raise wrapped(OSError(5, "fuse_session_receive_buf failed with EIO"))
+        raise wrapped(OSError(errno.EIO, "fuse_session_receive_buf failed with EIO"))
 
     monkeypatch.setattr(pyfuse3, "main", failing_main)
     with pytest.raises((OSError, ExceptionGroup)) as info:
-        trio.run(fs.fuse_main)
+        trio.run(fuseloop.fuse_main)
     inner: BaseException = info.value
     while isinstance(inner, BaseExceptionGroup):
         inner = inner.exceptions[0]
     assert isinstance(inner, OSError), info.value
-    assert inner.errno == 5, info.value
+    assert inner.errno == errno.EIO, info.value

@@ -29,8 +29,8 @@ import qededit
 from fusehelpers import QEDFUSE, daemon_pid, mounted, need_check, pid_alive, qedfuse, wait_until
 
 from qedfuse import control
-from qedfuse.mount import qedfuse_mounts
 from qedfuse.procfs import process_state
+from qedfuse.registry import qedfuse_mounts
 from support import check_ok, describe, require_fuse, require_tool, run, tools_required
 from support import qemu_img_create as _create
 

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from fusehelpers import QEDFUSE, mounted, qedfuse
 
-from qedfuse.mount import mount_entry
+from qedfuse.mounttable import mount_entry
 from support import check_ok, describe, qemu_img_create, require_tool, run, sampled, tools_required
 
 pytestmark = pytest.mark.fuse
@@ -199,7 +199,7 @@ def test_a_socket_served_by_another_process_is_refused(tmp_path: Path, as_nobody
     """The right record in the right directory, but its socket is served by someone else."""
     _need_root()
     from qedfuse import control
-    from qedfuse.mount import qedfuse_mounts
+    from qedfuse.registry import qedfuse_mounts
 
     image = _create(tmp_path / "disk.qed")
     with mounted(image, tmp_path / "mnt") as m:
@@ -321,7 +321,7 @@ def test_answers_of_the_wrong_shape_are_one_line_errors(
 
 
 def _registry_of(mnt: Path) -> list[str | None]:
-    from qedfuse.mount import qedfuse_mounts
+    from qedfuse.registry import qedfuse_mounts
 
     return [ref.registry_path for ref in qedfuse_mounts(os.fspath(mnt))]
 

@@ -6,6 +6,7 @@ waits until the test writes to it, so the task must park and the reaper must wak
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 from collections.abc import Iterator
@@ -71,12 +72,12 @@ async def test_errors_come_back_as_oserror(ring: uring.Ring, tmp_path: Path) -> 
     try:
         with pytest.raises(OSError, match="Bad file descriptor") as info:
             await ring.read_into(fd, bytearray(16), 0)  # write-only descriptor
-        assert info.value.errno == 9
+        assert info.value.errno == errno.EBADF
     finally:
         os.close(fd)
     with pytest.raises(OSError, match="Bad file descriptor") as info:
         await ring.fdatasync(fd)  # closed
-    assert info.value.errno == 9
+    assert info.value.errno == errno.EBADF
 
 
 async def test_parked_reads_are_woken_in_any_order(ring: uring.Ring) -> None:
