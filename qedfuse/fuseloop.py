@@ -29,6 +29,26 @@ if TYPE_CHECKING:
 log = logging.getLogger("qedfuse.fs")  # as before it left fs.py: log lines keep their names
 
 
+class _DroppedReplies(logging.Filter):
+    """pyfuse3 logs an ERROR when the kernel no longer takes a reply: ENOENT (the request was
+    interrupted, e.g. its caller was killed, or the unmount forgot it) or ENODEV (the
+    connection is gone).  Nothing failed on our side: these become INFO lines that say so."""
+
+    _DROPPED = ("failed with No such file or directory", "failed with No such device")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and "fuse_reply_" in str(record.msg):
+            text = record.getMessage()
+            if text.endswith(self._DROPPED):
+                record.msg = "%s (the kernel had dropped the request: nothing was lost)"
+                record.args = (text,)
+                record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+logging.getLogger("pyfuse3").addFilter(_DroppedReplies())
+
+
 def fuse_init(ops: QedFS, mountpoint: str, options: set[str]) -> None:
     """Mount: after this the kernel mount exists (requests queue until :func:`fuse_main`).
 

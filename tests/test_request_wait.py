@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import errno
 import inspect
+import logging
 import os
 import random
 import re
 import select
+from collections.abc import Callable
 from pathlib import Path
 
 import pyfuse3
@@ -194,3 +196,25 @@ def test_a_read_that_meets_the_teardown_ends_the_session(
         inner = inner.exceptions[0]
     assert isinstance(inner, OSError), info.value
     assert inner.errno == errno.EIO, info.value
+
+
+@pytest.mark.parametrize(
+    ("reason", "dropped"),
+    [
+        ("No such file or directory", True),  # interrupted: the kernel forgot the request
+        ("No such device", True),  # the connection is gone
+        ("Invalid argument", False),  # a reply the kernel refused: our bug, stays an ERROR
+    ],
+)
+def test_a_reply_the_kernel_no_longer_takes_is_no_error(
+    caplog: pytest.LogCaptureFixture, expect_log: Callable[[str], None], reason: str, dropped: bool
+) -> None:
+    """pyfuse3's 'fuse_reply_* failed' ERROR after a normal unmount of a stopped daemon (seen
+    in test_lifecycle) is an INFO line that says nothing was lost; other reply errors stay."""
+    if not dropped:
+        expect_log("fuse_reply_")
+    caplog.set_level("INFO", logger="pyfuse3")
+    logging.getLogger("pyfuse3").error("fuse_release(): fuse_reply_* failed with %s", reason)
+    (record,) = [r for r in caplog.records if r.name == "pyfuse3"]
+    assert record.levelname == ("INFO" if dropped else "ERROR"), record
+    assert reason in record.getMessage()
