@@ -394,6 +394,7 @@ def test_sigkill_during_fio_soak(tmp_path: Path) -> None:
     run_kill_points(tmp_path, SOAK_KILL_POINTS)
 
 
+@pytest.mark.expect_log(r"image had NEED_CHECK set; repaired on open: ")  # after the kill
 def test_powercut_verify_catches_a_corrupt_block(tmp_path: Path) -> None:
     """Negative control: after a kill point that verifies, flip bytes inside the first
     acknowledged 64 KiB block in the image file: the same verify-only job must now fail."""
