@@ -70,10 +70,10 @@ from pyfuse3 import (
 )
 
 from qedfuse import format as fmt
-from qedfuse import fuseloop, uring
+from qedfuse import fuseloop
 from qedfuse.engine import QedImage
 from qedfuse.errors import CorruptionError, QedError
-from qedfuse.imagefile import FileImage
+from qedfuse.imagefile import uring_statistics
 from qedfuse.options import CacheMode
 from qedfuse.records import StatsRecord
 
@@ -230,7 +230,7 @@ class QedFS(pyfuse3.Operations):
 
     def statistics(self) -> RequestStatistics:
         """The request loop's figures now (also the request wait's and io_uring's)."""
-        ring = uring.current()
+        ring = uring_statistics()
         wait = fuseloop.request_wait()
         return RequestStatistics(
             requests=self.requests,
@@ -245,18 +245,16 @@ class QedFS(pyfuse3.Operations):
             last_error=self.last_error,
             queued_found=wait.fast if wait is not None else 0,
             epoll_waits=wait.waits if wait is not None else 0,
-            uring_operations=ring.submitted if ring is not None else 0,
-            uring_waited=ring.parked if ring is not None else 0,
+            uring_operations=ring.operations,
+            uring_waited=ring.waited,
         )
 
     # ------------------------------------------------------------------ attributes
 
     def _host_blocks(self) -> int:
         """512-byte blocks the image file occupies (a cheap stand-in for allocated size)."""
-        file = self.image.file
-        if isinstance(file, FileImage) and file.fd >= 0:
-            return os.fstat(file.fd).st_blocks
-        return 0
+        st = self.image.file.stat()
+        return st.allocated_bytes // 512 if st is not None else 0
 
     def _attr(self, inode: InodeT) -> EntryAttributes:
         meta = self._meta.get(inode)
@@ -457,10 +455,9 @@ class QedFS(pyfuse3.Operations):
         size = self.image.image_size
         used = min(size, self._host_blocks() * 512)
         host_free = size - used
-        file = self.image.file
-        if isinstance(file, FileImage) and file.fd >= 0:
-            vfs = os.fstatvfs(file.fd)
-            host_free = min(host_free, vfs.f_bavail * vfs.f_frsize)
+        free = self.image.file.host_free_bytes()
+        if free is not None:
+            host_free = min(host_free, free)
         data = StatvfsData()
         data.f_bsize = block
         data.f_frsize = block

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 import pyfuse3
 import trio
 
-from qedfuse import uring
-from qedfuse.imagefile import set_queue_probe
+from qedfuse.engine import GuestSource, QedImage
+from qedfuse.imagefile import BlockFile, uring_statistics
 
 if TYPE_CHECKING:
     from qedfuse.fs import QedFS
@@ -57,9 +57,9 @@ def fuse_init(ops: QedFS, mountpoint: str, options: set[str]) -> None:
     global _wait
     pyfuse3.init(ops, mountpoint, options)
     fd = _find_fuse_fd()
+    _set_queue_probe(None)
     if fd is None:
         _wait = None
-        set_queue_probe(None)
         return
     poller = select.poll()
     poller.register(fd, select.POLLIN)
@@ -72,8 +72,32 @@ def fuse_init(ops: QedFS, mountpoint: str, options: set[str]) -> None:
         # behind an inline read that misses the page cache just as a queued one would.
         return ops.in_progress > 1 or queued()
 
-    set_queue_probe(others_waiting)
+    _probed.extend(_chain_files(ops.image))
+    _set_queue_probe(others_waiting)
     _wait = _RequestWait(fd, queued)
+
+
+#: The image files (the whole chain) whose reads the request loop's queue probe steers.
+_probed: list[BlockFile] = []
+
+
+def _chain_files(image: QedImage) -> list[BlockFile]:
+    """The file of every layer of an open chain."""
+    files: list[BlockFile] = []
+    layer: GuestSource | None = image
+    while layer is not None:
+        file: BlockFile | None = getattr(layer, "file", None)
+        if file is not None:
+            files.append(file)
+        layer = layer.backing if isinstance(layer, QedImage) else None
+    return files
+
+
+def _set_queue_probe(probe: Callable[[], bool] | None) -> None:
+    for file in _probed:
+        file.set_queue_probe(probe)
+    if probe is None:
+        _probed.clear()
 
 
 class _RequestWait:
@@ -218,11 +242,11 @@ def _first_line(group: BaseExceptionGroup[ConnectionAbortedError]) -> str:
 
 
 def _log_session_stats(hooked: bool) -> None:
-    ring = uring.current()
-    if ring is not None:
-        io = f"io_uring: {ring.submitted} operations, {ring.parked} waited for"
-    elif uring.unavailable_reason() is not None:
-        io = f"io_uring unavailable ({uring.unavailable_reason()})"
+    ring = uring_statistics()
+    if ring.active:
+        io = f"io_uring: {ring.operations} operations, {ring.waited} waited for"
+    elif ring.unavailable_reason is not None:
+        io = f"io_uring unavailable ({ring.unavailable_reason})"
     else:
         io = "io_uring: 0 operations, 0 waited for"
     if hooked and _wait is not None:
@@ -241,7 +265,7 @@ def fuse_terminate() -> None:
 
 def fuse_close(*, unmount: bool) -> None:
     """End the session; with ``unmount`` also remove the mount (lazily, as libfuse does)."""
-    set_queue_probe(None)
+    _set_queue_probe(None)
     pyfuse3.close(unmount=unmount)
 
 

@@ -7,10 +7,11 @@ to record, reorder, tear or fail I/O (crash replay, fault injection).
   the trio loop: ``fdatasync`` goes through io_uring (:mod:`qedfuse.uring`), or a worker
   thread where io_uring is unavailable; ``ftruncate`` always runs in a thread.
   ``pwrite`` runs inline (a page-cached 64 KiB write costs ~9 µs inline against 150-250 µs
-  for a thread hop).  ``pread`` runs inline too, unless :func:`set_queue_probe` says other
-  requests are waiting and ``cachestat`` says the data is not all in the page cache: then it
-  goes to an io_uring kernel worker, and the loop serves the others while the miss waits for
-  the disk (without ``cachestat``, io_uring tries the page cache inside the submit call).
+  for a thread hop).  ``pread`` runs inline too, unless the file's queue probe
+  (:meth:`FileImage.set_queue_probe`) says other requests are waiting and ``cachestat``
+  says the data is not all in the page cache: then it goes to an io_uring kernel worker,
+  and the loop serves the others while the miss waits for the disk (without ``cachestat``,
+  io_uring tries the page cache inside the submit call).
   ``threaded_io=True`` moves pread/pwrite to threads (see ``bench/`` for the measurements
   behind these choices).
 * :class:`MemoryImage` is a thread-free in-memory file for tests.
@@ -18,6 +19,8 @@ to record, reorder, tear or fail I/O (crash replay, fault injection).
 :func:`open_file` is the one way qedfuse opens an existing path (image, backing file, convert
 source and target, overlay base, commit target): only regular files and block devices, checked
 without ever blocking in ``open`` (a FIFO would wait for a writer for ever).
+
+Only this module imports :mod:`qedfuse.uring`: :func:`uring_statistics` reports its figures.
 """
 
 from __future__ import annotations
@@ -63,7 +66,54 @@ class BlockFile(Protocol):
         """Current file length in bytes (fstat)."""
         ...
 
+    def stat(self) -> FileStat | None:
+        """Identity and size of the host file; None for a file without one (in memory,
+        closed)."""
+        ...
+
+    def data_ranges(self, pos: int, end: int) -> list[tuple[int, int, bool]]:
+        """[(pos, length, is_data)] covering [pos, end): where the file may hold data and
+        where it has holes (which read as zeros).  When unsure, a range is data."""
+        ...
+
+    def host_free_bytes(self) -> int | None:
+        """Bytes free for unprivileged use on the host filesystem, or None if unknown."""
+        ...
+
+    def statistics(self) -> IoStatistics | None:
+        """The I/O counters of a file that keeps them (a real file), else None."""
+        ...
+
+    def set_queue_probe(self, probe: Callable[[], bool] | None) -> None:
+        """How this file sees whether other requests are waiting (see :class:`FileImage`);
+        a file that cannot overlap reads ignores it."""
+        ...
+
     async def aclose(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class FileStat:
+    """What ``fstat`` says of an open host file."""
+
+    dev: int
+    ino: int
+    mode: int
+    size_bytes: int  # st_size (0 for a block device: see BlockFile.size)
+    allocated_bytes: int  # st_blocks * 512
+
+    @property
+    def identity(self) -> tuple[int, int]:
+        """(st_dev, st_ino): the same file opened twice has the same identity."""
+        return self.dev, self.ino
+
+    @property
+    def is_block_device(self) -> bool:
+        return stat.S_ISBLK(self.mode)
+
+
+def _file_stat(st: os.stat_result) -> FileStat:
+    return FileStat(st.st_dev, st.st_ino, st.st_mode, st.st_size, st.st_blocks * 512)
 
 
 class FileTypeError(OSError):
@@ -157,21 +207,31 @@ class IoStatistics(StatsRecord):
 
 def io_statistics(file: BlockFile) -> IoStatistics | None:
     """``file.statistics()`` for files that keep I/O counters (a real file), else None."""
-    method: Callable[[], IoStatistics] | None = getattr(file, "statistics", None)
+    method: Callable[[], IoStatistics | None] | None = getattr(file, "statistics", None)
     return method() if method is not None else None
 
 
-_queue_probe: Callable[[], bool] | None = None
+@dataclass(frozen=True, slots=True)
+class UringStatistics(StatsRecord):
+    """What io_uring did in this process (all files share one ring)."""
+
+    operations: int  # submitted
+    waited: int  # completions a task parked for
+    #: Why io_uring is not used (e.g. ``QEDFUSE_IO_URING=0``), or None.
+    unavailable_reason: str | None
+    #: Whether a ring was set up in this process.
+    active: bool
 
 
-def set_queue_probe(probe: Callable[[], bool] | None) -> None:
-    """Tell every :class:`FileImage` how to see whether other requests are waiting.
-
-    The FUSE layer installs a poll of ``/dev/fuse``.  Without a probe (the tools), reads
-    stay plain inline ``pread``.
-    """
-    global _queue_probe
-    _queue_probe = probe
+def uring_statistics() -> UringStatistics:
+    """The io_uring figures of this process (zeros when no ring was set up)."""
+    ring = uring.current()
+    return UringStatistics(
+        operations=ring.submitted if ring is not None else 0,
+        waited=ring.parked if ring is not None else 0,
+        unavailable_reason=uring.unavailable_reason(),
+        active=ring is not None,
+    )
 
 
 def _supports_nowait(fd: int) -> bool:
@@ -204,6 +264,9 @@ class FileImage:
         self._limiter = trio.CapacityLimiter(16)
         self._async_reads_ok = _supports_nowait(fd)
         self._cachestat_ok = True
+        #: Whether other requests are waiting (the FUSE layer polls ``/dev/fuse``); without
+        #: a probe (the offline commands) reads stay plain inline ``pread``.
+        self._queue_probe: Callable[[], bool] | None = None
         self.async_reads = 0  # reads that went through io_uring (for tests and the bench)
         # Plain int counters (see statistics()): two increments per call on the I/O path.
         self.preads = 0
@@ -254,6 +317,49 @@ class FileImage:
             view = view[written:]
             offset += written
 
+    def set_queue_probe(self, probe: Callable[[], bool] | None) -> None:
+        """Send reads that miss the page cache to io_uring while ``probe()`` says other
+        requests are waiting; None: always read inline."""
+        self._queue_probe = probe
+
+    def stat(self) -> FileStat | None:
+        if self.fd < 0:
+            return None
+        return _file_stat(os.fstat(self.fd))
+
+    def host_free_bytes(self) -> int | None:
+        if self.fd < 0:
+            return None
+        vfs = os.fstatvfs(self.fd)
+        return vfs.f_bavail * vfs.f_frsize
+
+    def data_ranges(self, pos: int, end: int) -> list[tuple[int, int, bool]]:
+        """From ``SEEK_DATA``/``SEEK_HOLE``; where the filesystem cannot tell, data."""
+        if self.fd < 0:
+            return [(pos, end - pos, True)]
+        out: list[tuple[int, int, bool]] = []
+        while pos < end:
+            try:
+                data_pos = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # only a hole up to the end of the file
+                    out.append((pos, end - pos, False))
+                else:  # the filesystem cannot tell: assume data
+                    out.append((pos, end - pos, True))
+                break
+            data_pos = min(data_pos, end)
+            if data_pos > pos:
+                out.append((pos, data_pos - pos, False))
+            if data_pos >= end:
+                break
+            try:
+                hole_pos = min(os.lseek(self.fd, data_pos, os.SEEK_HOLE), end)
+            except OSError:
+                hole_pos = end
+            out.append((data_pos, hole_pos - data_pos, True))
+            pos = hole_pos
+        return out
+
     def statistics(self) -> IoStatistics:
         """The counters, and the file's size now (one fstat)."""
         try:
@@ -281,7 +387,7 @@ class FileImage:
             )
         # Cancellable, but no scheduler pass: ~0.2 µs instead of ~5 µs per call (bench/).
         await trio.lowlevel.checkpoint_if_cancelled()
-        probe = _queue_probe
+        probe = self._queue_probe
         ring = uring.ring() if probe and self._async_reads_ok and size and probe() else None
         if ring is None:  # nothing to overlap with: inline is the fastest
             return self._pread_sync(offset, size)
@@ -437,6 +543,24 @@ class MemoryImage:
 
     async def size(self) -> int:
         return len(self.data)
+
+    def stat(self) -> FileStat | None:
+        return None  # no host file
+
+    def data_ranges(self, pos: int, end: int) -> list[tuple[int, int, bool]]:
+        """Data up to the end of the buffer, a hole past it."""
+        data_end = min(max(pos, len(self.data)), end)
+        out = [(pos, data_end - pos, True)] if data_end > pos else []
+        return out + ([(data_end, end - data_end, False)] if end > data_end else [])
+
+    def host_free_bytes(self) -> int | None:
+        return None
+
+    def statistics(self) -> IoStatistics | None:
+        return None
+
+    def set_queue_probe(self, probe: Callable[[], bool] | None) -> None:
+        pass  # reads never wait for a disk
 
     async def aclose(self) -> None:
         self.closed = True

@@ -22,7 +22,7 @@ import trio
 
 from qedfuse.check import check_image
 from qedfuse.engine import OpenOptions, QedImage, open_image
-from qedfuse.imagefile import BlockFile, Buffer, MemoryImage
+from qedfuse.imagefile import BlockFile, Buffer, FileStat, IoStatistics, MemoryImage
 from qedfuse.tables import create_image
 
 KiB = 1024
@@ -200,6 +200,21 @@ class Wrapper:
 
     async def size(self) -> int:
         return await self.inner.size()
+
+    def stat(self) -> FileStat | None:
+        return self.inner.stat()
+
+    def data_ranges(self, pos: int, end: int) -> list[tuple[int, int, bool]]:
+        return self.inner.data_ranges(pos, end)
+
+    def host_free_bytes(self) -> int | None:
+        return self.inner.host_free_bytes()
+
+    def statistics(self) -> IoStatistics | None:
+        return self.inner.statistics()
+
+    def set_queue_probe(self, probe: Callable[[], bool] | None) -> None:
+        self.inner.set_queue_probe(probe)
 
     async def aclose(self) -> None:
         await self.inner.aclose()

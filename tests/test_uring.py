@@ -16,7 +16,7 @@ import pytest
 import trio
 import trio.lowlevel
 
-from qedfuse import imagefile, uring
+from qedfuse import uring
 from qedfuse.imagefile import FileImage
 from support import tools_required
 
@@ -38,15 +38,6 @@ def data_file(tmp_path: Path) -> tuple[str, bytes]:
     path = tmp_path / "data.bin"
     path.write_bytes(data)
     return os.fspath(path), data
-
-
-@pytest.fixture
-def probe_on() -> Iterator[None]:
-    imagefile.set_queue_probe(lambda: True)
-    try:
-        yield
-    finally:
-        imagefile.set_queue_probe(None)
 
 
 async def test_read_into_matches_pread(ring: uring.Ring, data_file: tuple[str, bytes]) -> None:
@@ -153,7 +144,7 @@ def test_one_ring_serves_successive_trio_runs(ring: uring.Ring) -> None:
 
 
 def test_disabled_by_environment_falls_back_to_inline_and_threads(
-    monkeypatch: pytest.MonkeyPatch, data_file: tuple[str, bytes], probe_on: None
+    monkeypatch: pytest.MonkeyPatch, data_file: tuple[str, bytes]
 ) -> None:
     monkeypatch.setenv("QEDFUSE_IO_URING", "0")
     assert uring.ring() is None
@@ -162,6 +153,7 @@ def test_disabled_by_environment_falls_back_to_inline_and_threads(
 
     async def main() -> None:
         file = FileImage.open(path, read_only=False)
+        file.set_queue_probe(lambda: True)  # others are waiting
         try:
             assert await file.pread(10, 4096) == data[10:4106]  # others "waiting", no ring
             await file.pwrite(0, b"new")
@@ -209,11 +201,12 @@ def _evict(path: str) -> None:
 
 
 async def test_fileimage_misses_go_to_io_uring_when_others_wait(
-    ring: uring.Ring, data_file: tuple[str, bytes], probe_on: None
+    ring: uring.Ring, data_file: tuple[str, bytes]
 ) -> None:
     path, data = data_file
     _evict(path)
     file = FileImage.open(path, read_only=True)
+    file.set_queue_probe(lambda: True)  # others are waiting
     try:
         for offset, size in [(0, 4096), (65536 - 10, 20), (len(data) - 10, 4096)]:
             _evict(path)  # (readahead of an earlier read would make this one a hit)
@@ -226,11 +219,12 @@ async def test_fileimage_misses_go_to_io_uring_when_others_wait(
 
 
 async def test_fileimage_page_cache_hits_stay_inline(
-    ring: uring.Ring, data_file: tuple[str, bytes], probe_on: None
+    ring: uring.Ring, data_file: tuple[str, bytes]
 ) -> None:
     """A hit is cheapest inline even when others wait (cachestat tells, Linux 6.5+)."""
     path, data = data_file
     file = FileImage.open(path, read_only=True)
+    file.set_queue_probe(lambda: True)  # others are waiting
     try:
         await file.pread(0, len(data))  # now all cached
         assert uring.page_cache_covers(file.fd, 0, len(data)) is True
@@ -249,13 +243,12 @@ async def test_fileimage_reads_inline_when_nothing_waits(
     path, data = data_file
     file = FileImage.open(path, read_only=True)
     try:
-        imagefile.set_queue_probe(lambda: False)
+        file.set_queue_probe(lambda: False)
         assert await file.pread(100, 50) == data[100:150]
-        imagefile.set_queue_probe(None)
+        file.set_queue_probe(None)
         assert await file.pread(200, 50) == data[200:250]
         assert file.async_reads == 0
     finally:
-        imagefile.set_queue_probe(None)
         await file.aclose()
 
 
@@ -269,11 +262,10 @@ def tmpfs_file() -> Iterator[str]:
         path.unlink()
 
 
-async def test_fileimage_on_tmpfs_stays_inline(
-    ring: uring.Ring, probe_on: None, tmpfs_file: str
-) -> None:
+async def test_fileimage_on_tmpfs_stays_inline(ring: uring.Ring, tmpfs_file: str) -> None:
     """tmpfs can't serve RWF_NOWAIT, so io_uring would punt every read to a kernel worker."""
     file = FileImage.open(tmpfs_file, read_only=True)
+    file.set_queue_probe(lambda: True)  # others are waiting
     try:
         assert await file.pread(3, 6) == b"abcabc"
         assert file.async_reads == 0
