@@ -36,17 +36,10 @@ FORMAT_ALLOWED = {
 }
 
 #: Modules other than qedfuse/imagefile.py (the I/O seam) that import qedfuse.uring.
-URING_DEBT = {
-    "qedfuse.fs": "reads io_uring statistics (uring.current(), unavailable_reason()) for "
-    "status; issue 13: the I/O seam's protocol should report them.",
-    "qedfuse.fuseloop": "logs io_uring statistics at the end of the session "
-    "(_log_session_stats); issue 13: the I/O seam's protocol should report them.",
-}
+URING_DEBT: dict[str, str] = {}
 
 #: Modules other than qedfuse/imagefile.py that name the concrete FileImage class.
 FILEIMAGE_DEBT = {
-    "qedfuse.fs": "isinstance(file, FileImage) to reach the fd for stat and data ranges; "
-    "issue 13: the seam's protocol grows stat/data-range methods.",
     "qedfuse.backing": "opens backing files itself; issue 13: the composition root opens files.",
     "qedfuse.tools": "opens images, outputs and backing files itself (open_top, convert); "
     "issue 13: the composition root opens files.",
@@ -179,7 +172,7 @@ def test_the_parser_sees_the_package() -> None:
     """Guards the guards: the package and a few known imports are found."""
     assert {"qedfuse.fs", "qedfuse.format", "qedfuse.imagefile", "qedfuse.engine"} <= set(MODULES)
     fs_imports = {imp.module for imp in imports_of("qedfuse.fs")}
-    assert {"pyfuse3", "qedfuse.engine", "qedfuse.uring", "qedfuse.imagefile"} <= fs_imports
+    assert {"pyfuse3", "qedfuse.engine", "qedfuse.imagefile"} <= fs_imports
     inner = [i for i in imports_of("qedfuse.engine") if i.module == "qedfuse.check"]
     assert inner
     assert not any(i.top_level for i in inner)  # the function-level import is seen as such
