@@ -46,7 +46,7 @@ from qedfuse import engine, tables
 from qedfuse import format as fmt
 from qedfuse.check import check_image
 from qedfuse.errors import QedError
-from qedfuse.imagefile import Buffer
+from qedfuse.imagefile import Buffer, FileStat, IoStatistics
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -142,6 +142,21 @@ class SparseImage:
 
     async def size(self) -> int:
         return self.length
+
+    def stat(self) -> FileStat | None:
+        return None  # no host file
+
+    def data_ranges(self, pos: int, end: int) -> list[tuple[int, int, bool]]:
+        return [(pos, end - pos, True)] if end > pos else []  # unsure: all of it is data
+
+    def host_free_bytes(self) -> int | None:
+        return None
+
+    def statistics(self) -> IoStatistics | None:
+        return None
+
+    def set_queue_probe(self, probe: Callable[[], bool] | None) -> None:
+        pass  # reads never overlap
 
     async def aclose(self) -> None:
         pass
