@@ -41,7 +41,7 @@ from qedfuse.engine import (
     open_image,
 )
 from qedfuse.errors import BackingFileError, LockError, QedError, UsageError, UserError
-from qedfuse.imagefile import BlockFile, FileImage, open_file
+from qedfuse.imagefile import FileImage, open_file
 from qedfuse.locking import LockMode, lock_image, with_hint
 from qedfuse.tables import create_image, read_backing_name, read_header
 
@@ -651,40 +651,12 @@ async def check(
 # ---------------------------------------------------------------------- data runs
 
 
-def _raw_data_ranges(file: BlockFile, pos: int, end: int) -> list[tuple[int, int, bool]]:
-    """[(pos, length, is_data)] covering [pos, end) of a raw file, from SEEK_DATA/SEEK_HOLE."""
-    if not isinstance(file, FileImage) or file.fd < 0:
-        return [(pos, end - pos, True)]
-    out: list[tuple[int, int, bool]] = []
-    while pos < end:
-        try:
-            data_pos = os.lseek(file.fd, pos, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:  # only a hole up to the end of the file
-                out.append((pos, end - pos, False))
-            else:  # the filesystem cannot tell: assume data
-                out.append((pos, end - pos, True))
-            break
-        data_pos = min(data_pos, end)
-        if data_pos > pos:
-            out.append((pos, data_pos - pos, False))
-        if data_pos >= end:
-            break
-        try:
-            hole_pos = min(os.lseek(file.fd, data_pos, os.SEEK_HOLE), end)
-        except OSError:
-            hole_pos = end
-        out.append((data_pos, hole_pos - data_pos, True))
-        pos = hole_pos
-    return out
-
-
 async def _maybe_data(source: GuestSource, pos: int, end: int) -> list[tuple[int, int]]:
     """Guest ranges in [pos, end) that may hold non-zero bytes (everything else reads zero)."""
     out: list[tuple[int, int]] = []
     if isinstance(source, RawImage):
         end = min(end, source.image_size)
-        out += [(p, n) for p, n, is_data in _raw_data_ranges(source.file, pos, end) if is_data]
+        out += [(p, n) for p, n, is_data in source.file.data_ranges(pos, end) if is_data]
         return out
     if not isinstance(source, QedImage):
         return [(pos, end - pos)] if pos < end else []
@@ -995,7 +967,7 @@ class _MapBuilder:
         source = self.layers[depth][0]
         if isinstance(source, RawImage):
             raw_end = min(end, source.image_size)
-            for p, n, is_data in _raw_data_ranges(source.file, pos, raw_end):
+            for p, n, is_data in source.file.data_ranges(pos, raw_end):
                 self.emit(p, n, depth, present=True, zero=not is_data, data=is_data, offset=p)
             self.emit(raw_end, end - raw_end, depth, present=False, zero=True, data=False)
             return
