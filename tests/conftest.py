@@ -24,7 +24,7 @@ from collections.abc import Callable, Generator, Iterator
 import logcheck
 import pytest
 
-from support import require_tool
+from support import require_tool, sampled
 
 _SEED_VAR = "QEDFUSE_SAMPLE_SEED"
 
@@ -75,9 +75,7 @@ def _sample(config: pytest.Config, items: list[pytest.Item]) -> None:
     dropped: set[int] = set()
     for (path, name), indexes in sorted(groups.items()):
         (k,) = items[indexes[0]].get_closest_marker("sample").args  # type: ignore[union-attr]
-        rng = random.Random(f"{seed}:{path}:{name}")
-        keep = set(rng.sample(indexes, k)) if k < len(indexes) else set(indexes)
-        dropped |= set(indexes) - keep
+        dropped |= set(indexes) - set(sampled(indexes, k, f"{path}:{name}"))
     if dropped:
         config.hook.pytest_deselected(items=[items[i] for i in sorted(dropped)])
         items[:] = [item for i, item in enumerate(items) if i not in dropped]
