@@ -395,8 +395,7 @@ class QedFS(pyfuse3.Operations):
         if room <= 0:
             raise FUSEError(errno.ENOSPC)
         n = min(len(buf), room)
-        direct = self._open.get(fh, 0) & os.O_DIRECT and self.cache is not CacheMode.NONE
-        if n < len(buf) and direct:
+        if n < len(buf) and self._crosses_as_eio(fh):
             # The kernel's O_DIRECT path (async_dio) turns a short count into EIO, which says
             # "media error": answer what it is, and write nothing of this request.
             raise FUSEError(errno.ENOSPC)
@@ -405,6 +404,11 @@ class QedFS(pyfuse3.Operations):
         self.bytes_written += n
         self._touch()
         return n
+
+    def _crosses_as_eio(self, fh: FileHandleT) -> bool:
+        """Whether the kernel would report a short write on ``fh`` as EIO (O_DIRECT through
+        the page-cache path; with ``cache=none`` the short count reaches the caller)."""
+        return bool(self._open.get(fh, 0) & os.O_DIRECT) and self.cache is not CacheMode.NONE
 
     @guard
     async def flush(self, fh: FileHandleT) -> None:
