@@ -207,12 +207,17 @@ class OpenOptions:
 
     cache_size: int = DEFAULT_CACHE_SIZE
     detect_zeroes: bool = True
-    #: Run check-and-repair on a read-write open of an image with NEED_CHECK set.
+    #: Run check-and-repair on a read-write open of an image with NEED_CHECK set
+    #: (:func:`qedfuse.opening.open_image`; the engine itself never repairs).
     repair_on_open: bool = True
 
 
 class QedImage:
-    """An open QED image.  Create with :func:`open_image`; use as an async context manager."""
+    """An open QED image; use as an async context manager.
+
+    Opened by :func:`qedfuse.opening.open_image` (repairs a dirty image first) or built by
+    :func:`load_image` (as it is).
+    """
 
     def __init__(
         self,
@@ -1114,18 +1119,18 @@ class QedImage:
         )
 
 
-async def open_image(
+async def load_image(
     file: BlockFile,
     *,
     read_only: bool | None = None,
     backing: GuestSource | None = None,
     options: OpenOptions | None = None,
 ) -> QedImage:
-    """Open a QED image on ``file``.
+    """Build the engine on the QED image in ``file`` as it is: no check, no repair.
 
-    A read-write open clears unknown autoclear feature bits and, when NEED_CHECK is set,
-    runs check-and-repair first (as QEMU does).  A read-only open never writes.  The caller
-    resolves and opens the backing image (see :mod:`qedfuse.backing`).
+    A read-write open clears unknown autoclear feature bits (as QEMU does); a read-only open
+    never writes.  Opening a path, its chain, and repair-on-open when NEED_CHECK is set are
+    :mod:`qedfuse.opening`'s (:func:`qedfuse.opening.open_image`).
     """
     options = options or OpenOptions()
     if read_only is None:
@@ -1134,21 +1139,8 @@ async def open_image(
     if not read_only and header.autoclear_features:
         header = header.replace(autoclear_features=0)
         await write_header(file, header)
-    unrepaired = 0
-    if not read_only and header.need_check and options.repair_on_open:
-        from qedfuse.check import check_image
-
-        report = await check_image(file, repair=True)
-        if report.check_errors:
-            # QEMU's answer too: never serve writes on an image whose check did not finish.
-            raise CorruptionError(
-                f"Image corrupted: the check could not complete ({report.summary_line()})"
-            )
-        log.warning("image had NEED_CHECK set; repaired on open: %s", report.summary_line())
-        header, geometry, file_size = await read_header(file)
-        unrepaired = report.corruptions
     l1 = await read_table(file, header.l1_table_offset, geometry)
-    image = QedImage(
+    return QedImage(
         file,
         header,
         geometry,
@@ -1158,11 +1150,6 @@ async def open_image(
         backing=backing,
         options=options,
     )
-    if unrepaired:
-        # Unlike QEMU (docs/qemu-differences.md#bug-j): keep NEED_CHECK set (no flush will clear
-        # it) and refuse writes.
-        image.enter_failsafe(f"{unrepaired} corruptions remain after the open-time repair")
-    return image
 
 
 __all__ = [
@@ -1171,5 +1158,5 @@ __all__ = [
     "Kind",
     "OpenOptions",
     "QedImage",
-    "open_image",
+    "load_image",
 ]

@@ -92,6 +92,23 @@ class BlockFile(Protocol):
     async def aclose(self) -> None: ...
 
 
+class OutputFile(BlockFile, Protocol):
+    """A host file a command writes guest bytes to (convert's target, commit's raw base)."""
+
+    @property
+    def is_block_device(self) -> bool:
+        """A block device: its size is its capacity, it cannot grow, and it is not sparse."""
+        ...
+
+    def fileno(self) -> int:
+        """The descriptor (QEMU's lock bytes are taken on it)."""
+        ...
+
+    async def write_zeroes(self, offset: int, length: int) -> None:
+        """Make [offset, offset + length) read as zeros (written out on a block device)."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class FileStat:
     """What ``fstat`` says of an open host file."""

@@ -10,14 +10,13 @@ raises a :class:`~qedfuse.errors.UserError` that ``cli`` prints as one line.
 The other mount modules, each with one job: :mod:`qedfuse.mounttable` (mountinfo, path
 resolution that never hangs), :mod:`qedfuse.registry` (which daemon serves which mount),
 :mod:`qedfuse.umount` (``qedfuse umount``), :mod:`qedfuse.daemonize` and :mod:`qedfuse.serve`.
-Opening the image (``_open_image``, ``_create_overlay``) is still here until the composition
-root of issue 13 takes it.
+Opening the image and creating an ``--overlay`` are the composition root's,
+:mod:`qedfuse.opening`.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import logging
 import os
@@ -26,11 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from qedfuse import format as fmt
 from qedfuse.daemonize import Reporter, fork_and_wait, setup_daemon_logging
-from qedfuse.daemonize import StartupError as _StartupError
-from qedfuse.errors import EXIT_OK, QedError, UserError, say
-from qedfuse.errors import one_line as _one_line
+from qedfuse.errors import EXIT_OK, UserError, say
 from qedfuse.mounttable import FSTYPE, PROBE_TIMEOUT_S, MountError, direct, probe, resolve_path
 from qedfuse.options import MountOptions, parse_options
 from qedfuse.registry import daemon_for, is_stopped, mount_state
@@ -38,7 +34,7 @@ from qedfuse.serve import run_daemon
 from qedfuse.umount import umount_main
 
 if TYPE_CHECKING:
-    from qedfuse.engine import QedImage
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -245,100 +241,6 @@ def mount_main(ns: argparse.Namespace) -> int:
             raise UserError(f"cannot open log file: {exc}") from None
         return run_daemon(cfg, Reporter(cfg, None))
     return fork_and_wait(cfg, run_daemon)
-
-
-#: What a read-write mount refused by a lock or by permissions suggests (when it would work).
-READ_ONLY_HINT = "Mount it with -o ro to share it read-only."
-
-
-def _with_read_only_hint(exc: Exception, cfg: MountConfig) -> Exception:
-    """Suggest ``-o ro`` where it helps: a reader's lock on the image, or no write access."""
-    from qedfuse.errors import BackingFileError, LockError
-    from qedfuse.locking import LockMode, with_hint
-
-    if cfg.options.read_only or cfg.overlay_base is not None:
-        return exc
-    if isinstance(exc, LockError):
-        return with_hint(exc, LockMode.READ_ONLY, READ_ONLY_HINT)
-    cause = exc if isinstance(exc, OSError) else exc.__cause__
-    refused = isinstance(cause, OSError) and cause.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
-    if refused and not isinstance(exc, BackingFileError):
-        return QedError(f"{_one_line(exc)}. Mount it with -o ro to open it read-only.")
-    return exc
-
-
-async def _open_image(cfg: MountConfig) -> QedImage:
-    from qedfuse.backing import BackingPolicy, open_path
-    from qedfuse.engine import OpenOptions
-
-    opts = cfg.options
-    return await open_path(
-        cfg.image_path,
-        read_only=opts.read_only,
-        options=OpenOptions(detect_zeroes=opts.detect_zeroes),
-        policy=BackingPolicy(allow=not opts.untrusted, override=opts.backing),
-        lock=True,
-    )
-
-
-def overlay_backing_name(new_path: str, base_path: str) -> str:
-    """The backing name stored in an overlay: ``base_path`` relative to the overlay's directory."""
-    name = os.path.relpath(base_path, os.path.dirname(new_path))
-    if ":" in name.split("/", 1)[0]:
-        name = "./" + name  # a relative name must never look like a protocol prefix
-    if len(os.fsencode(name)) > fmt.MAX_BACKING_NAME_SIZE:
-        # Too long to store (QEMU reads at most 4095 bytes): the absolute path may be shorter;
-        # if it is not either, creating the overlay refuses it with a one-line error.
-        absolute = os.path.abspath(base_path)
-        if len(os.fsencode(absolute)) < len(os.fsencode(name)):
-            return absolute
-    return name
-
-
-async def _create_overlay(new_path: str, base_path: str) -> None:
-    """Create ``new_path`` (must not exist) as an empty QED overlay of ``base_path``."""
-    from qedfuse.imagefile import FileImage
-    from qedfuse.tables import create_image, read_header
-
-    try:
-        base = FileImage.open(base_path, read_only=True)
-    except OSError as exc:
-        raise _StartupError(f"Could not open '{base_path}': {exc.strerror}") from None
-    try:
-        detected = fmt.probe_format(await base.pread(0, 8))
-        if detected == "qed":
-            header, _, _ = await read_header(base)
-            size, raw = header.image_size, False
-        elif detected == "raw":
-            size = -(-(await base.size()) // fmt.SECTOR_SIZE) * fmt.SECTOR_SIZE
-            raw = True
-        else:
-            raise _StartupError(
-                f"{base_path} is a {detected} image; an overlay base must be raw or QED"
-            )
-    finally:
-        await base.aclose()
-    if size == 0:
-        raise _StartupError(f"{base_path} is empty; nothing to overlay")
-    name = overlay_backing_name(new_path, base_path)
-    try:
-        fd = os.open(new_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    except FileExistsError:
-        raise _StartupError(
-            f"overlay {new_path} already exists; refusing to overwrite it"
-        ) from None
-    except OSError as exc:
-        raise _StartupError(f"cannot create overlay {new_path}: {exc.strerror}") from None
-    file = FileImage(fd, read_only=False)
-    try:
-        await create_image(file, size, backing_name=os.fsencode(name), backing_raw=raw)
-    except BaseException:
-        await file.aclose()
-        with contextlib.suppress(OSError):
-            os.unlink(new_path)
-        raise
-    await file.aclose()
-    log.info("created overlay %s on %s (%s, %d bytes)", new_path, base_path, name, size)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,7 +42,7 @@ from qedfuse.daemonize import (
     setup_daemon_logging,
     write_pidfile,
 )
-from qedfuse.errors import EXIT_FAILURE, EXIT_OK, QedError, one_line
+from qedfuse.errors import EXIT_FAILURE, EXIT_OK, QedError, UserError, one_line
 from qedfuse.mounttable import FSTYPE, MountEntry, MountError, mount_entries, mount_entry
 from qedfuse.registry import daemon_for, register, unregister
 from qedfuse.umount import fusermount
@@ -131,10 +131,7 @@ async def _watch_signals(signals: AsyncIterator[int], state: _State) -> None:
 async def _serve_mount(cfg: MountConfig, reporter: Reporter, state: _State) -> int:
     from qedfuse.fs import QedFS, raw_file_name
     from qedfuse.fuseloop import fuse_init
-
-    # Opening the image is the composition root's job (issue 13); until it exists these
-    # live in mount.py (an import cycle listed in tests/test_layers.py).
-    from qedfuse.mount import _create_overlay, _open_image, _with_read_only_hint
+    from qedfuse.opening import create_overlay, open_for_mount, with_read_only_hint
 
     created_overlay = False
     image: QedImage | None = None
@@ -142,9 +139,12 @@ async def _serve_mount(cfg: MountConfig, reporter: Reporter, state: _State) -> i
         with trio.CancelScope() as startup:
             state.startup_scope = startup
             if cfg.overlay_base is not None:
-                await _create_overlay(cfg.image_path, cfg.overlay_base)
+                try:
+                    await create_overlay(cfg.image_path, cfg.overlay_base)
+                except UserError as exc:
+                    raise StartupError(str(exc)) from None
                 created_overlay = True
-            image = await _open_image(cfg)
+            image = await open_for_mount(cfg.image_path, cfg.options)
         state.startup_scope = None
         if image is None or startup.cancelled_caught:
             raise StartupError(f"interrupted by {state.signal_name} before the mount was ready")
@@ -178,7 +178,8 @@ async def _serve_mount(cfg: MountConfig, reporter: Reporter, state: _State) -> i
         raise
     except (QedError, OSError) as exc:
         await _abandon(image, created_overlay, cfg.image_path)
-        message = one_line(_with_read_only_hint(exc, cfg))
+        read_only = cfg.options.read_only or cfg.overlay_base is not None
+        message = one_line(with_read_only_hint(exc, read_only=read_only))
         if cfg.image_path not in message:
             message = f"Could not open '{cfg.image_path}': {message}"
         raise StartupError(message) from None

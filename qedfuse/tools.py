@@ -4,7 +4,7 @@ Each command is an ``async`` function (run with :func:`trio.run` by :mod:`qedfus
 that returns a result object and prints nothing; ``cli`` formats the output.  The heavy
 lifting is the engine's (:mod:`qedfuse.engine`, :mod:`qedfuse.backing`, :mod:`qedfuse.check`).
 
-Errors a user can cause raise :class:`CliError` (or another
+Errors a user can cause raise :class:`UserError` (or another
 :class:`~qedfuse.errors.QedError`) with a one-line message worded like qemu-img's, e.g.
 ``Could not open 'x.qed': QED cluster size is invalid``.
 """
@@ -26,23 +26,26 @@ from typing import TYPE_CHECKING, Final, TypeVar
 import trio
 
 from qedfuse import format as fmt
-from qedfuse.backing import (
-    RawImage,
+from qedfuse.backing import RawImage, resolve_backing_name
+from qedfuse.engine import GuestSource, Kind, OpenOptions, QedImage
+from qedfuse.errors import BackingFileError, QedError, UsageError, UserError
+from qedfuse.imagefile import BlockFile, OutputFile, open_file
+from qedfuse.locking import LockMode
+from qedfuse.opening import (
+    adopt_fd,
     backing_chain,
+    check_path,
+    detect_format,
+    file_identity,
+    lock,
     lock_backing_chain,
-    open_path,
-    resolve_backing_name,
-)
-from qedfuse.engine import (
-    GuestSource,
-    Kind,
-    OpenOptions,
-    QedImage,
+    open_failed,
     open_image,
+    open_locked,
+    open_output,
+    open_raw,
+    open_top,
 )
-from qedfuse.errors import BackingFileError, LockError, QedError, UsageError, UserError
-from qedfuse.imagefile import FileImage, open_file
-from qedfuse.locking import LockMode, lock_image, with_hint
 from qedfuse.tables import create_image, read_backing_name, read_header
 
 if TYPE_CHECKING:
@@ -59,10 +62,6 @@ _MAX_SIZE: Final = (1 << 63) - 1
 
 #: Progress callback: (bytes done, bytes total).
 Progress = Callable[[int, int], None]
-
-
-#: The user-error types live in errors.py; the old names stay for the offline commands.
-CliError = UserError
 
 
 # ---------------------------------------------------------------------- sizes and options
@@ -129,100 +128,9 @@ def _parse_int(key: str, value: str) -> int:
 # ---------------------------------------------------------------------- opening
 
 
-def _check_path(path: str, *, writable: bool, growable: bool = False) -> None:
-    """Fail like qemu-img (``Could not open 'x': No such file or directory``) before opening;
-    also refuses anything but a regular file or block device (:func:`open_file`)."""
-    try:
-        os.close(open_file(path, read_only=not writable, growable=growable))
-    except OSError as exc:
-        raise CliError(f"Could not open '{path}': {exc.strerror or exc}") from exc
-
-
-def _lock(fd: int, mode: LockMode, path: str) -> None:
-    """QEMU's lock bytes on ``fd`` (the path only names the image in a conflict message)."""
-    lock_image(fd, mode, os.path.abspath(path))
-
-
 def _absolute(path: str) -> str:
+    """``os.path.abspath``: string work and one ``getcwd``, never a wait on a disk."""
     return os.path.abspath(path)
-
-
-#: What a read-only command (info, map, check, convert's source) suggests on a lock conflict.
-FORCE_SHARE_HINT: Final = "Use -U (force-share) to read it anyway."
-
-
-def _open_failed(path: str, exc: Exception, *, hint_force_share: bool = False) -> CliError:
-    """``Could not open 'path': …``; a lock conflict of a command that has ``-U`` says so."""
-    if hint_force_share and isinstance(exc, LockError):
-        exc = with_hint(exc, LockMode.SHARED, FORCE_SHARE_HINT)
-    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-    return CliError(f"Could not open '{path}': {text}")
-
-
-async def open_top(
-    path: str,
-    *,
-    read_only: bool,
-    lock_mode: LockMode | None = None,
-    with_backing: bool = True,
-) -> QedImage:
-    """Open a QED image for a command; errors read ``Could not open 'path': …``.
-
-    Without ``with_backing`` only the image itself is opened (like qemu-img's
-    ``BDRV_O_NO_BACKING``), so ``info`` works on an overlay whose backing file is missing.
-    """
-    _check_path(path, writable=not read_only, growable=not read_only)
-    mode = lock_mode or (LockMode.READ_ONLY if read_only else LockMode.READ_WRITE)
-    try:
-        if with_backing:
-            return await open_path(path, read_only=read_only, lock_mode=mode)
-        file = FileImage.open(path, read_only=read_only, growable=not read_only)
-        try:
-            _lock(file.fd, mode, path)
-            return await open_image(file, read_only=read_only)
-        except BaseException:
-            await file.aclose()
-            raise
-    except (QedError, OSError) as exc:
-        hint = read_only and mode is LockMode.READ_ONLY
-        raise _open_failed(path, exc, hint_force_share=hint) from exc
-
-
-async def _open_raw(path: str, *, lock_mode: LockMode) -> RawImage:
-    _check_path(path, writable=False)
-    try:
-        file = FileImage.open(path, read_only=True)
-    except OSError as exc:
-        raise _open_failed(path, exc) from exc
-    try:
-        _lock(file.fd, lock_mode, path)
-        return RawImage(file, await file.size())
-    except BaseException as exc:
-        await file.aclose()
-        if isinstance(exc, (QedError, OSError)):
-            hint = lock_mode is LockMode.READ_ONLY
-            raise _open_failed(path, exc, hint_force_share=hint) from exc
-        raise
-
-
-async def detect_format(path: str) -> str:
-    """``qed`` or ``raw`` from the first bytes of ``path``; other image formats are refused."""
-    _check_path(path, writable=False)
-    try:
-        probe = FileImage.open(path, read_only=True)
-    except OSError as exc:
-        raise _open_failed(path, exc) from exc
-    try:
-        magic = await probe.pread(0, 8)
-    finally:
-        await probe.aclose()
-    detected = fmt.probe_format(magic)
-    if detected not in ("qed", "raw"):
-        raise CliError(
-            f"'{path}' is a {detected} image; only raw and qed are supported (convert it with "
-            f"qemu-img first, or pass -f raw to read it as raw bytes)"
-        )
-    return detected
 
 
 async def _chain_layers(top: QedImage, top_name: str) -> list[tuple[GuestSource, str]]:
@@ -240,14 +148,14 @@ async def _chain_layers(top: QedImage, top_name: str) -> list[tuple[GuestSource,
 
 
 def _file_ids(top: GuestSource) -> set[tuple[int, int]]:
-    """(st_dev, st_ino) of every file in an open chain."""
+    """(st_dev, st_ino) of every host file in an open chain."""
     ids: set[tuple[int, int]] = set()
     layer: GuestSource | None = top
     while layer is not None:
         file = layer.file if isinstance(layer, (QedImage, RawImage)) else None
-        if isinstance(file, FileImage) and file.fd >= 0:
-            st = os.fstat(file.fd)
-            ids.add((st.st_dev, st.st_ino))
+        identity = None if file is None else file_identity(file)
+        if identity is not None:
+            ids.add(identity)
         layer = layer.backing if isinstance(layer, QedImage) else None
     return ids
 
@@ -278,26 +186,26 @@ def _create_target(path: str, *, force: bool, allow_device: bool = False) -> tup
     except FileExistsError:
         pass
     except OSError as exc:
-        raise CliError(f"{path}: {exc.strerror or exc}") from exc
+        raise UserError(f"{path}: {exc.strerror or exc}") from exc
     try:
         fd = open_file(path, read_only=False)
     except OSError as exc:
-        raise CliError(f"{path}: {exc.strerror or exc}") from exc
+        raise UserError(f"{path}: {exc.strerror or exc}") from exc
     st = os.fstat(fd)
     if stat.S_ISBLK(st.st_mode):
         if not allow_device:
             os.close(fd)
-            raise CliError(
+            raise UserError(
                 f"{path}: is a block device; a QED image needs a regular file (it grows), "
                 "use a file or a raw destination"
             )
         if not force:
             os.close(fd)
-            raise CliError(f"{path}: is a block device (use --force to overwrite it)")
+            raise UserError(f"{path}: is a block device (use --force to overwrite it)")
         return fd, False
     if st.st_size > 0 and not force:
         os.close(fd)
-        raise CliError(f"{path}: file exists and is not empty (use --force to overwrite it)")
+        raise UserError(f"{path}: file exists and is not empty (use --force to overwrite it)")
     return fd, False
 
 
@@ -315,7 +223,7 @@ def _create_temp(dst: str, temp_path: str, like: os.stat_result) -> int:
     try:
         fd = os.open(temp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     except OSError as exc:
-        raise CliError(f"{dst}: cannot create a temporary file beside it: {exc.strerror}") from exc
+        raise UserError(f"{dst}: cannot create a temporary file beside it: {exc.strerror}") from exc
     try:
         os.fchmod(fd, stat.S_IMODE(like.st_mode))
         if (like.st_uid, like.st_gid) != (os.getuid(), os.getgid()):
@@ -375,13 +283,13 @@ async def create(
                 f"backing file name of {len(name)} bytes does not fit in the header cluster"
             )
     except QedError as exc:
-        raise CliError(f"{path}: {exc}") from exc
+        raise UserError(f"{path}: {exc}") from exc
     fd, created = _create_target(path, force=force)
-    file = FileImage(fd, read_only=False)
+    file = adopt_fd(fd, path=path)
     try:
         # qemu-img create's lock: write and resize, refusing only other resizers, so it
         # overwrites what QEMU would overwrite (a raw file another writer shares) and no more
-        _lock(fd, LockMode.CREATE, path)
+        lock(fd, LockMode.CREATE, path)
         await create_image(
             file,
             size,
@@ -396,7 +304,7 @@ async def create(
             _unlink_quietly(path)
         if isinstance(exc, (QedError, OSError)):
             text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise CliError(f"{path}: {text}") from exc
+            raise UserError(f"{path}: {text}") from exc
         raise
     await file.aclose()
     return CreateResult(path, size, cluster_size, table_size, backing, backing_format)
@@ -407,21 +315,21 @@ async def _backing_size(image_path: str, backing: str, backing_format: str) -> i
     try:
         resolved = resolve_backing_name(os.fsencode(backing), image_path)
     except BackingFileError as exc:
-        raise CliError(f"{image_path}: {exc}") from exc
+        raise UserError(f"{image_path}: {exc}") from exc
     try:
         if backing_format == "raw":
-            raw = await _open_raw(resolved, lock_mode=LockMode.SHARED)
+            raw = await open_raw(resolved, lock_mode=LockMode.SHARED)
             try:
                 return round_up_sector(raw.image_size)
             finally:
                 await raw.aclose()
         if await detect_format(resolved) != "qed":
-            raise CliError(f"backing file '{backing}' is not a QED image (use -F raw?)")
+            raise UserError(f"backing file '{backing}' is not a QED image (use -F raw?)")
         image = await open_top(resolved, read_only=True, lock_mode=LockMode.SHARED)
         async with image:
             return image.image_size
-    except CliError as exc:
-        raise CliError(f"{image_path}: Could not open backing image: {exc}") from exc
+    except UserError as exc:
+        raise UserError(f"{image_path}: Could not open backing image: {exc}") from exc
 
 
 def _unlink_quietly(path: str) -> None:
@@ -563,7 +471,7 @@ async def info(path: str, *, force_share: bool = False) -> ImageInfo:
     image = await open_top(path, read_only=True, lock_mode=mode, with_backing=False)
     async with image:
         header = image.header
-        st = os.fstat(image.file.fd) if isinstance(image.file, FileImage) else None
+        st = image.file.stat()
         file_length = await image.file.size()
         allocated = await image.allocated_bytes()
         stored = await read_backing_name(image.file, header)
@@ -571,7 +479,7 @@ async def info(path: str, *, force_share: bool = False) -> ImageInfo:
         filename=path,
         header=header,
         file_length=file_length,
-        actual_size=st.st_blocks * 512 if st is not None else file_length,
+        actual_size=st.allocated_bytes if st is not None else file_length,
         allocated_size=allocated,
     )
     if stored:
@@ -610,25 +518,20 @@ async def check(
     from qedfuse.check import DEFAULT_MAX_COPY_BYTES, RepairLimitError, check_image
 
     writable = repair is not None
-    _check_path(path, writable=writable, growable=writable)
+    if writable:
+        mode = LockMode.READ_WRITE
+    else:
+        mode = LockMode.SHARED if force_share else LockMode.READ_ONLY
+    file = await open_locked(path, writable=writable, lock_mode=mode)
+    backing_files: list[BlockFile] = []
     try:
-        file = FileImage.open(path, read_only=not writable, growable=writable)
-    except OSError as exc:
-        raise _open_failed(path, exc) from exc
-    backing_files: list[FileImage] = []
-    try:
-        if writable:
-            mode = LockMode.READ_WRITE
-        else:
-            mode = LockMode.SHARED if force_share else LockMode.READ_ONLY
         try:
-            _lock(file.fd, mode, path)
             await read_header(file)
             # qemu-img check opens the backing chain too, so its writers refuse a check
             backing_files = await lock_backing_chain(path, force_share=force_share)
         except (QedError, OSError) as exc:
             hint = mode is LockMode.READ_ONLY
-            raise _open_failed(path, exc, hint_force_share=hint) from exc
+            raise open_failed(path, exc, hint_force_share=hint) from exc
         try:
             return await check_image(
                 file,
@@ -638,10 +541,10 @@ async def check(
                 image_name=path,
             )
         except RepairLimitError as exc:
-            raise CliError(str(exc)) from exc
+            raise UserError(str(exc)) from exc
         except (QedError, OSError) as exc:
             text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise CliError(f"Check failed: {text}") from exc
+            raise UserError(f"Check failed: {text}") from exc
     finally:
         for backing_file in backing_files:
             await backing_file.aclose()
@@ -726,7 +629,7 @@ async def convert(
     if src_format == "qed":
         source = await open_top(src, read_only=True, lock_mode=mode)
     else:
-        source = await _open_raw(src, lock_mode=mode)
+        source = await open_raw(src, lock_mode=mode)
     try:
         size = source.image_size
         if dst_format == "qed":
@@ -734,22 +637,22 @@ async def convert(
             try:
                 fmt.check_create_params(size, cluster_size, table_size)
             except QedError as exc:
-                raise CliError(f"{dst}: {exc}") from exc
+                raise UserError(f"{dst}: {exc}") from exc
         fd, created = _create_target(dst, force=force, allow_device=dst_format == "raw")
         # One try for everything after the target exists, so that wherever an error or a
         # Ctrl-C lands, a temporary file is removed and a file we created is deleted.
         temp_path: str | None = None
         temp_fd = -1
         renamed = device = in_place = False
-        out: FileImage | None = None
+        out: OutputFile | None = None
         try:
             st = os.fstat(fd)
             if (st.st_dev, st.st_ino) in _file_ids(source):
-                raise CliError(f"{dst}: is the source image or one of its backing files")
-            _lock(fd, LockMode.READ_WRITE, dst)
+                raise UserError(f"{dst}: is the source image or one of its backing files")
+            lock(fd, LockMode.READ_WRITE, dst)
             device = stat.S_ISBLK(st.st_mode)
             if device and (capacity := os.lseek(fd, 0, os.SEEK_END)) < size:
-                raise CliError(
+                raise UserError(
                     f"{dst}: the block device holds {capacity} bytes but the image needs "
                     f"{size}; a block device cannot grow"
                 )
@@ -760,7 +663,7 @@ async def convert(
                 temp_path, final = _temp_name(dst)
                 try:
                     temp_fd = _create_temp(dst, temp_path, st)
-                except CliError as exc:
+                except UserError as exc:
                     cause = exc.__cause__
                     if not (
                         dst_format == "raw"
@@ -773,11 +676,11 @@ async def convert(
                     temp_path = None
                     in_place = True
                     if st.st_size < size:
-                        raise CliError(
+                        raise UserError(
                             f"{dst}: holds {st.st_size} bytes but the image needs {size}, and "
                             "it cannot be replaced (its directory takes no new files)"
                         ) from exc
-            out = FileImage(fd if temp_path is None else temp_fd, read_only=False)
+            out = adopt_fd(fd if temp_path is None else temp_fd)
             if in_place:
                 written = await _convert_to_device(source, out, progress)
             elif dst_format == "raw":
@@ -796,7 +699,7 @@ async def convert(
                 _unlink_quietly(dst)
             if isinstance(exc, OSError):
                 partly = " (the target now holds part of the image)" if in_place else ""
-                raise CliError(
+                raise UserError(
                     f"{dst}: error while writing: {exc.strerror or exc}{partly}"
                 ) from exc
             raise
@@ -847,7 +750,7 @@ async def _copy_nonzero(
     return written
 
 
-async def _convert_to_raw(source: GuestSource, out: FileImage, progress: Progress | None) -> int:
+async def _convert_to_raw(source: GuestSource, out: OutputFile, progress: Progress | None) -> int:
     size = source.image_size
     await out.ftruncate(0)
     await out.ftruncate(size)
@@ -856,7 +759,9 @@ async def _convert_to_raw(source: GuestSource, out: FileImage, progress: Progres
     return written
 
 
-async def _convert_to_device(source: GuestSource, out: FileImage, progress: Progress | None) -> int:
+async def _convert_to_device(
+    source: GuestSource, out: OutputFile, progress: Progress | None
+) -> int:
     """Raw onto a block device, in place: not sparse, so the zero ranges are zeroed too."""
     size = source.image_size
     zeroed_to = 0
@@ -878,7 +783,7 @@ async def _convert_to_device(source: GuestSource, out: FileImage, progress: Prog
 
 async def _convert_to_qed(
     source: GuestSource,
-    out: FileImage,
+    out: OutputFile,
     size: int,
     cluster_size: int,
     table_size: int,
@@ -1042,7 +947,7 @@ def parse_resize(text: str, old_size: int) -> int:
         return old_size + parse_size(text[1:])
     if text.startswith("-"):
         parse_size(text[1:])
-        raise CliError("Shrinking images is not supported")
+        raise UserError("Shrinking images is not supported")
     return parse_size(text)
 
 
@@ -1055,7 +960,7 @@ async def resize(path: str, size_text: str) -> tuple[int, int]:
         limit = image.geometry.qemu_max_image_size
         if new_size > max(old_size, limit) and new_size <= image.geometry.max_image_size:
             # The engine could hold it; QEMU could not open it any more (its limit wraps).
-            raise CliError(
+            raise UserError(
                 f"Invalid image size specified: {fmt.qemu_size_limit_message(image.geometry)}"
             )
         await image.resize(new_size)
@@ -1085,11 +990,11 @@ async def commit(path: str, *, progress: Progress | None = None) -> CommitResult
     async with top:
         stored = await read_backing_name(top.file, top.header)
         if not stored:
-            raise CliError(f"Image '{path}' does not have a backing file")
+            raise UserError(f"Image '{path}' does not have a backing file")
         try:
             backing_path = resolve_backing_name(stored, _absolute(path))
         except BackingFileError as exc:
-            raise CliError(f"Could not open backing file of '{path}': {exc}") from exc
+            raise UserError(f"Could not open backing file of '{path}': {exc}") from exc
         backing_format = "raw" if top.header.backing_is_raw else await detect_format(backing_path)
         changed = _Changed()
         try:
@@ -1131,13 +1036,13 @@ class _Changed:
         return tracked
 
 
-def _unfinished_commit(path: str, backing_path: str, exc: BaseException) -> CliError:
+def _unfinished_commit(path: str, backing_path: str, exc: BaseException) -> UserError:
     if isinstance(exc, KeyboardInterrupt):
         reason, code = "interrupted", 130
     else:
         text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        reason, code = text, exc.exit_code if isinstance(exc, CliError) else 1
-    return CliError(
+        reason, code = text, exc.exit_code if isinstance(exc, UserError) else 1
+    return UserError(
         f"commit into '{backing_path}' did not finish ({reason}): the base may now hold part "
         f"of the overlay's data; run 'qedfuse commit {path}' again to finish it",
         code,
@@ -1147,19 +1052,19 @@ def _unfinished_commit(path: str, backing_path: str, exc: BaseException) -> CliE
 async def _commit_to_raw(
     top: QedImage, backing_path: str, progress: Progress | None, changed: _Changed
 ) -> int:
-    _check_path(backing_path, writable=True)
+    check_path(backing_path, writable=True)
     try:
-        out = FileImage.open(backing_path, read_only=False)
+        out = open_output(backing_path)
     except OSError as exc:
-        raise _open_failed(backing_path, exc) from exc
+        raise open_failed(backing_path, exc) from exc
     try:
         # a raw base is locked as QEMU's commit job locks it: it writes and may grow the
         # file but, raw having no metadata, shares both with others
-        lock_image(out.fd, LockMode.WRITE_SHARED, backing_path)
+        lock(out.fileno(), LockMode.WRITE_SHARED, backing_path)
         base_size = await out.size()
         if base_size < top.image_size:
             if out.is_block_device:
-                raise CliError(
+                raise UserError(
                     f"backing device '{backing_path}' holds {base_size} bytes, less than the "
                     f"overlay's {top.image_size}; a block device cannot grow"
                 )
@@ -1205,26 +1110,22 @@ async def _commit_runs(
 
 __all__ = [
     "CHUNK_SIZE",
-    "CliError",
     "CommitResult",
     "ConvertResult",
     "CreateOptions",
     "CreateResult",
     "ImageInfo",
     "MapEntry",
-    "UsageError",
     "check",
     "commit",
     "convert",
     "create",
-    "detect_format",
     "feature_names",
     "human_size",
     "info",
     "map_human",
     "map_image",
     "map_json",
-    "open_top",
     "parse_create_options",
     "parse_resize",
     "parse_size",

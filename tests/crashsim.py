@@ -37,7 +37,7 @@ from typing import Any
 import trio
 from enginehelpers import Wrapper
 
-from qedfuse import engine, tables
+from qedfuse import engine, opening, tables
 from qedfuse import format as fmt
 from qedfuse.errors import CorruptionError, FormatError, QedError
 from qedfuse.imagefile import BlockFile, Buffer, MemoryImage
@@ -780,14 +780,16 @@ async def check_state(
         try:
             with trio.fail_after(STEP_TIMEOUT):
                 ro_file = MemoryImage(state.data, read_only=True)
-                ro = await engine.open_image(ro_file, read_only=True, backing=_backing(backing))
+                ro = await opening.open_image(ro_file, read_only=True, backing=_backing(backing))
         except FormatError as exc:
             result.refused = True
             if not metadata_garbage:
                 v.append(Violation("open_refused", f"read-only open refused: {exc}"))
             try:
                 with trio.fail_after(STEP_TIMEOUT):
-                    rw = await engine.open_image(MemoryImage(state.data), backing=_backing(backing))
+                    rw = await opening.open_image(
+                        MemoryImage(state.data), backing=_backing(backing)
+                    )
                 v.append(Violation("open_exception", "read-write open accepted what RO refused"))
                 await rw.close()
             except FormatError:
@@ -831,7 +833,7 @@ async def check_state(
                 await reference_check_fn(mem, True)
         options = engine.OpenOptions(repair_on_open=check is not reference_check_fn)
         with trio.fail_after(STEP_TIMEOUT):
-            rw = await engine.open_image(mem, options=options, backing=_backing(backing))
+            rw = await opening.open_image(mem, options=options, backing=_backing(backing))
         try:
             if not metadata_garbage:
                 with trio.fail_after(STEP_TIMEOUT):
@@ -912,7 +914,7 @@ async def record_workload(
     oracle_writes: list[tuple[int, int, bytes]] = []
     op_id = 0
     if prefill:
-        img = await engine.open_image(mem, backing=_backing(backing))
+        img = await opening.open_image(mem, backing=_backing(backing))
         for pos, data in prefill:
             await img.write(pos, data)
             oracle_writes.append((op_id, pos, data))
@@ -921,7 +923,7 @@ async def record_workload(
     initial = bytes(mem.data)
     initial_acked = op_id
     rec = RecordingBackend(mem)
-    img = await engine.open_image(rec, backing=_backing(backing))
+    img = await opening.open_image(rec, backing=_backing(backing))
     n_ops = op_id
     for op in ops:
         rec.mark("OP", op_id)
@@ -939,7 +941,7 @@ async def record_workload(
         elif kind == "reopen":
             await img.close()
             rec.ack(op_id)
-            img = await engine.open_image(rec, backing=_backing(backing))
+            img = await opening.open_image(rec, backing=_backing(backing))
         else:
             raise ValueError(f"unknown op {op!r}")
         op_id += 1

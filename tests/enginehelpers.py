@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 import trio
 
 from qedfuse.check import check_image
-from qedfuse.engine import OpenOptions, QedImage, open_image
+from qedfuse.engine import OpenOptions, QedImage
 from qedfuse.imagefile import BlockFile, Buffer, FileStat, IoStatistics, MemoryImage
+from qedfuse.opening import open_image
 from qedfuse.tables import create_image
 
 KiB = 1024

@@ -42,7 +42,7 @@ if __name__ == "__main__":  # run as a script: make `qedfuse` and the test helpe
 import trio
 from qededit import HEADER_FIELDS
 
-from qedfuse import engine, tables
+from qedfuse import engine, opening, tables
 from qedfuse import format as fmt
 from qedfuse.check import check_image
 from qedfuse.errors import QedError
@@ -638,7 +638,7 @@ async def exercise(
 
     # read-only: never writes (the file refuses writes), serves or refuses cleanly
     ro_file = source(True)
-    img = await _step(outcome, "RO open", engine.open_image(ro_file, read_only=True), allowed)
+    img = await _step(outcome, "RO open", opening.open_image(ro_file, read_only=True), allowed)
     if img is None:
         outcome.ro = "refused"
     else:
@@ -655,7 +655,7 @@ async def exercise(
     # read-write: may repair (NEED_CHECK); writes through bad entries must fail
     rw_file = source(False)
     before_header = rw_file._read_sync(0, 64)
-    img = await _step(outcome, "RW open", engine.open_image(rw_file), allowed)
+    img = await _step(outcome, "RW open", opening.open_image(rw_file), allowed)
     if img is None:
         outcome.rw = "refused"
     else:
@@ -757,7 +757,7 @@ async def valid_images() -> list[tuple[str, bytes]]:
         for variant in range(2):
             mem = MemoryImage()
             await tables.create_image(mem, size, cluster_size=cs, table_size=ts)
-            img = await engine.open_image(mem)
+            img = await opening.open_image(mem)
             rng = random.Random(cs + ts + variant)
             for k in range(6 + 6 * variant):
                 pos = rng.randrange(0, size - 3 * cs)

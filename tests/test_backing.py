@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from qedfuse import format as fmt
-from qedfuse.backing import BackingPolicy, backing_chain, open_path
+from qedfuse.backing import BackingPolicy
 from qedfuse.engine import Kind, OpenOptions, QedImage
 from qedfuse.errors import BackingFileError, OutOfRangeError, QedError
+from qedfuse.opening import backing_chain, open_path
 from support import check_ok, require_tool, run
 
 KiB = 1024

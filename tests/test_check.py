@@ -31,9 +31,9 @@ from enginehelpers import Wrapper
 from qedfuse import check as check_mod
 from qedfuse import format as fmt
 from qedfuse.check import CheckReport, check_image
-from qedfuse.engine import open_image
 from qedfuse.errors import CorruptionError, FormatError, QedError, ReadOnlyError
 from qedfuse.imagefile import Buffer, FileImage, MemoryImage
+from qedfuse.opening import open_image
 from qedfuse.tables import create_image
 from support import data_ranges, describe, require_tool, run
 

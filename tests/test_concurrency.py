@@ -32,8 +32,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qedfuse import format as fmt
-from qedfuse.engine import OpenOptions, QedImage, open_image
+from qedfuse.engine import OpenOptions, QedImage
 from qedfuse.imagefile import Buffer, MemoryImage
+from qedfuse.opening import open_image
 
 CS = 4096
 TS = 2

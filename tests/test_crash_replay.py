@@ -31,7 +31,7 @@ import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
 
-from qedfuse import engine, tables
+from qedfuse import engine, opening, tables
 from qedfuse import format as fmt
 from qedfuse.check import check_image
 from qedfuse.errors import FormatError
@@ -135,7 +135,7 @@ async def test_a7_exact_write_order_of_one_allocating_write_and_flush() -> None:
     mem = MemoryImage()
     header = await tables.create_image(mem, IMAGE_SIZE, cluster_size=CL, table_size=2)
     rec = cs.RecordingBackend(mem)
-    img = await engine.open_image(rec)
+    img = await opening.open_image(rec)
     data = cs.pattern(1, 1000)
     await img.write(CL * 3 + 100, data)
     await img.flush()
@@ -373,7 +373,7 @@ async def test_a5_qemu_cross_check_of_repaired_states(
     assert len(samples) >= 200
 
     async def raw_view(data: bytes) -> bytes:
-        img = await engine.open_image(MemoryImage(data, read_only=True), read_only=True)
+        img = await opening.open_image(MemoryImage(data, read_only=True), read_only=True)
         try:
             return await img.read(0, img.image_size)
         finally:
@@ -546,7 +546,7 @@ async def test_a2_oracle_on_qemus_own_write_order(
         writes = [
             (i, op[2], bytes([op[1]]) * op[3]) for i, op in enumerate(workload) if op[0] == "write"
         ]
-        final = await engine.open_image(
+        final = await opening.open_image(
             MemoryImage(work.read_bytes(), read_only=True), read_only=True
         )
         layout = await cs.layout_of(final)
@@ -601,7 +601,7 @@ async def test_a6_qemu_made_crash_images(request: pytest.FixtureRequest, tmp_pat
         if fmt.Header.unpack(data).need_check:
             n_need_check += 1
         mem = MemoryImage(data)
-        img = await engine.open_image(mem)  # repairs
+        img = await opening.open_image(mem)  # repairs
         assert not fmt.Header.unpack(bytes(mem.data)).need_check
         assert await img.read(0, img.image_size) == raw.read_bytes(), k
         await img.close()

@@ -37,7 +37,7 @@ from enginehelpers import (
 )
 
 from qedfuse import format as fmt
-from qedfuse.engine import Extent, Kind, OpenOptions, QedImage, open_image
+from qedfuse.engine import Extent, Kind, OpenOptions, QedImage
 from qedfuse.errors import (
     CorruptionError,
     FailsafeError,
@@ -47,6 +47,7 @@ from qedfuse.errors import (
     ReadOnlyError,
 )
 from qedfuse.imagefile import MemoryImage
+from qedfuse.opening import open_image
 from qedfuse.tables import create_image
 
 FEATURES_OFFSET = 16

@@ -34,7 +34,7 @@ import crashsim as cs
 import pytest
 import trio
 
-from qedfuse import engine, tables
+from qedfuse import engine, opening, tables
 from qedfuse import format as fmt
 from qedfuse.check import check_image
 from qedfuse.errors import FormatError, QedError
@@ -185,7 +185,7 @@ def _in_chain(exc: BaseException, target: BaseException) -> bool:
 
 
 async def _fresh_view(data: bytes) -> bytes:
-    img = await engine.open_image(MemoryImage(data, read_only=True), read_only=True)
+    img = await opening.open_image(MemoryImage(data, read_only=True), read_only=True)
     try:
         return await img.read(0, img.image_size)
     finally:
@@ -234,7 +234,7 @@ async def run_point(
                 if kind == "create":
                     await tables.create_image(faulty, SIZE, cluster_size=CL, table_size=table_size)
                 elif kind == "open":
-                    img = await engine.open_image(faulty)
+                    img = await opening.open_image(faulty)
                 elif kind == "write":
                     data = cs.pattern(op_id, step[2])
                     assert img is not None
@@ -393,7 +393,7 @@ async def _final_repair(
     if report.corruptions or report.check_errors:
         p.append(f"repair left corruption: {report.summary_line()}")
         return
-    img = await engine.open_image(work)
+    img = await opening.open_image(work)
     try:
         oracle = cs.Oracle.build(img.image_size, good_writes)
         problems = await cs.verify_view(img, oracle, acked, failed_sectors)
@@ -541,7 +541,7 @@ async def test_failed_l2_write_shows_no_phantom_data() -> None:
     # pwrite #1 sets NEED_CHECK, #2 is the data, #3 takes the new L2 table's space (zeros),
     # #4 writes its entries (in the flush)
     faulty = cs.FaultyBackend(mem, "pwrite", 4, lambda: OSError(errno.EIO, "injected"))
-    img = await engine.open_image(faulty)
+    img = await opening.open_image(faulty)
     await img.write(64 * 1024, b"\x33" * CL)
     with pytest.raises(OSError, match="injected"):
         await img.flush()
@@ -561,7 +561,7 @@ async def test_failed_resize_sync_leaves_engine_and_file_agreeing() -> None:
     mem = MemoryImage()
     faulty = cs.FaultyBackend(mem)
     await tables.create_image(faulty, SIZE, cluster_size=CL, table_size=2)
-    img = await engine.open_image(faulty)
+    img = await opening.open_image(faulty)
     faulty.fail_op = "fdatasync"
     faulty.fail_at = faulty.counts["fdatasync"] + 1  # the sync after the size update
     faulty.make_exc = lambda: OSError(errno.EIO, "injected")

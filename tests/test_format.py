@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from qedfuse import format as fmt
-from qedfuse.errors import FormatError, LimitError, UnsupportedFeatureError
+from qedfuse.errors import FormatError, LimitError, UnsupportedFeatureError, UserError
 from support import check_ok, describe, run
 
 KiB = 1024
@@ -514,7 +514,7 @@ def test_create_geometry_matrix_against_qemu_img(cs: int, tmp_path: Path, qemu_i
             try:
                 trio.run(partial(tools.create, str(ours), size, cluster_size=cs, table_size=ts))
                 refused = None
-            except tools.CliError as exc:
+            except UserError as exc:
                 refused = str(exc)
                 assert "\n" not in refused, what
                 assert not ours.exists(), what

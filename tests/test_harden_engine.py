@@ -34,9 +34,10 @@ from enginehelpers import (
 
 from qedfuse import format as fmt
 from qedfuse.check import check_image
-from qedfuse.engine import Kind, OpenOptions, QedImage, open_image
+from qedfuse.engine import Kind, OpenOptions, QedImage
 from qedfuse.errors import CorruptionError, FailsafeError, LimitError, QedError
 from qedfuse.imagefile import Buffer, FileImage, MemoryImage
+from qedfuse.opening import open_image
 from qedfuse.tables import create_image
 
 KiB = 1024

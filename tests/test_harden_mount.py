@@ -26,9 +26,9 @@ from enginehelpers import Wrapper, pattern
 from fusehelpers import mounted, qedfuse
 from pyfuse3 import FUSEError
 
-from qedfuse.engine import open_image
 from qedfuse.fs import QedFS
 from qedfuse.imagefile import Buffer, FileImage, MemoryImage
+from qedfuse.opening import open_image
 from qedfuse.tables import create_image
 from support import check_ok, describe, require_tool, run
 

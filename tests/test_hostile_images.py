@@ -22,7 +22,7 @@ import hostile_corpus as hc
 import pytest
 import trio
 
-from qedfuse import backing, engine
+from qedfuse import backing, engine, opening
 from qedfuse import format as fmt
 from qedfuse.check import check_image
 from qedfuse.errors import BackingFileError, CorruptionError, FailsafeError
@@ -147,7 +147,7 @@ async def test_self_referencing_entries_never_write_into_metadata() -> None:
         hc.set_entry(buf, lay.l2_offset, 4, target + cs_ if label != "header" else cs_)
         file = hc.SparseImage(bytes(buf))
         before = file._read_sync(0, file.length)
-        img = await engine.open_image(file)
+        img = await opening.open_image(file)
         for pos in (3 * cs_, 3 * cs_ + 100, 4 * cs_, 3 * cs_ - 10):
             # The first touch finds the bad entries (CorruptionError) and puts the image in
             # failsafe; later writes are refused outright (FailsafeError): both are EIO.
@@ -181,7 +181,7 @@ async def test_bad_entries_are_repaired_when_need_check_is_set() -> None:
             continue
         n_cases += 1
         file = item.file()
-        img = await engine.open_image(file)
+        img = await opening.open_image(file)
         await img.write(50 * 4096, hc.tagged(7, 4096))
         await img.close()
         report = await check_image(file.copy(read_only=True))
@@ -251,11 +251,11 @@ async def test_past_eof_l1_entry_is_not_revived_by_growth() -> None:
     n = len(base)
     hc.set_entry(base, lay.l1_offset, 2, n + 2 * cs_)  # L1[2]: two clusters past EOF
     file = hc.SparseImage(bytes(base))
-    img = await engine.open_image(file)
+    img = await opening.open_image(file)
     await _grow_past(img, 6, 10)  # guest clusters 10-15 land at n .. n+6cs
     expected = await img.read(10 * cs_, 6 * cs_)
     await img.close()  # acknowledged
-    img = await engine.open_image(file)
+    img = await opening.open_image(file)
     try:
         assert await img.read(10 * cs_, 6 * cs_) == expected
     finally:
@@ -273,11 +273,11 @@ async def test_past_eof_l2_entry_does_not_alias_new_data() -> None:
     n = len(base)
     hc.set_entry(base, lay.l2_offset, 5, n + cs_)  # guest cluster 5 -> one cluster past EOF
     file = hc.SparseImage(bytes(base))
-    img = await engine.open_image(file)
+    img = await opening.open_image(file)
     await _grow_past(img, 3, 20)  # guest cluster 21's data lands at n + cs
     expected = await img.read(21 * cs_, cs_)
     await img.close()
-    img = await engine.open_image(file)
+    img = await opening.open_image(file)
     try:
         try:
             await img.write(5 * cs_, b"\x55" * cs_)

@@ -6,8 +6,8 @@ import trio
 import trio.testing
 from enginehelpers import need_check_on_disk
 
-from qedfuse.engine import open_image
 from qedfuse.imagefile import MemoryImage
+from qedfuse.opening import open_image
 from qedfuse.tables import create_image
 
 

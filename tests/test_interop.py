@@ -25,7 +25,7 @@ import pytest
 import qededit
 
 from qedfuse import cli, logsetup, tools
-from qedfuse.backing import open_path
+from qedfuse.opening import open_path
 from support import check_ok, data_ranges, describe, run
 
 pytestmark = pytest.mark.qemu

@@ -38,23 +38,14 @@ FORMAT_ALLOWED = {
 #: Modules other than qedfuse/imagefile.py (the I/O seam) that import qedfuse.uring.
 URING_DEBT: dict[str, str] = {}
 
-#: Modules other than qedfuse/imagefile.py that name the concrete FileImage class.
-FILEIMAGE_DEBT = {
-    "qedfuse.backing": "opens backing files itself; issue 13: the composition root opens files.",
-    "qedfuse.tools": "opens images, outputs and backing files itself (open_top, convert); "
-    "issue 13: the composition root opens files.",
-    "qedfuse.mount": "opens the --overlay base and creates the overlay (_create_overlay); "
-    "issue 13: the composition root opens files.",
-}
+#: The modules that may name the concrete FileImage class: the I/O seam that defines it and
+#: the composition root that opens files (everything else holds a BlockFile).
+FILEIMAGE_NAMERS = frozenset({"qedfuse.imagefile", "qedfuse.opening"})
 
 #: Import edges (importer, imported) that close a cycle today, with the reason.  With them
 #: removed the graph of run-time imports (functions included) must have no cycle, so a new
 #: circle fails the test.
-KNOWN_CYCLE_EDGES = {
-    ("qedfuse.serve", "qedfuse.mount"): "the daemon opens the image with mount._open_image, "
-    "_create_overlay and _with_read_only_hint (inside a function) while mount_main imports serve; "
-    "issue 13: the composition root opens images, and serve imports it instead.",
-}
+KNOWN_CYCLE_EDGES: dict[tuple[str, str], str] = {}
 
 
 @dataclass(frozen=True)
@@ -173,7 +164,7 @@ def test_the_parser_sees_the_package() -> None:
     assert {"qedfuse.fs", "qedfuse.format", "qedfuse.imagefile", "qedfuse.engine"} <= set(MODULES)
     fs_imports = {imp.module for imp in imports_of("qedfuse.fs")}
     assert {"pyfuse3", "qedfuse.engine", "qedfuse.imagefile"} <= fs_imports
-    inner = [i for i in imports_of("qedfuse.engine") if i.module == "qedfuse.check"]
+    inner = [i for i in imports_of("qedfuse.serve") if i.module == "qedfuse.opening"]
     assert inner
     assert not any(i.top_level for i in inner)  # the function-level import is seen as such
 
@@ -224,17 +215,29 @@ def test_uring_only_behind_the_io_seam() -> None:
     assert not stale, f"no longer import {target}; delete them from the allow-list: {stale}"
 
 
-def test_fileimage_named_only_where_listed() -> None:
-    """Only the I/O seam names its concrete class; the other users are listed debt."""
-    users = {
-        name
-        for name in MODULES
-        if name not in ("qedfuse.imagefile",) and any(names_in(name, "FileImage"))
-    }
-    new = sorted(users - set(FILEIMAGE_DEBT))
+def test_fileimage_named_only_by_the_seam_and_the_root() -> None:
+    """Only the I/O seam and the composition root name the concrete file class; everything
+    else works on the BlockFile protocol (and the root's openers)."""
+    users = {name for name in MODULES if any(names_in(name, "FileImage"))}
+    assert "qedfuse.opening" in users  # the guard sees the name where it is
+    new = sorted(users - FILEIMAGE_NAMERS)
     assert not new, f"FileImage named above the I/O seam in {new} (use the BlockFile protocol)"
-    stale = sorted(set(FILEIMAGE_DEBT) - users)
-    assert not stale, f"no longer name FileImage; delete them from FILEIMAGE_DEBT: {stale}"
+
+
+def test_the_engine_never_repairs_or_opens_paths() -> None:
+    """Repair-on-open and path opening are the composition root's: the engine imports
+    neither check nor the openers, and backing.py (the chain's policy) opens nothing."""
+    up = {"qedfuse.check", "qedfuse.opening", "qedfuse.backing", "qedfuse.locking"}
+    bad = [imp for imp in imports_of("qedfuse.engine") if imp.module in up]
+    assert not bad, "qedfuse/engine.py reaches up:\n" + describe(bad)
+    opener = [
+        imp
+        for imp in imports_of("qedfuse.backing")
+        if imp.module
+        in ("qedfuse.engine", "qedfuse.locking", "qedfuse.tables", "qedfuse.imagefile")
+        and not imp.type_checking
+    ]
+    assert not opener, "qedfuse/backing.py opens files:\n" + describe(opener)
 
 
 #: What the table-layout layer (qedfuse/tables.py) may import: it sits under both engine and

@@ -40,10 +40,11 @@ from fusehelpers import (
 )
 from pyfuse3 import FUSEError
 
-from qedfuse.engine import QedImage, open_image
+from qedfuse.engine import QedImage
 from qedfuse.errors import CorruptionError, ReadOnlyError
 from qedfuse.fs import FILE_INODE, ROOT_INODE, QedFS, raw_file_name
 from qedfuse.imagefile import MemoryImage
+from qedfuse.opening import open_image
 from qedfuse.tables import create_image
 from support import check_ok, qemu_img_create, require_tool, run
 

@@ -22,7 +22,7 @@ import pytest
 from fusehelpers import QEDFUSE, mount_entry, mounted, pid_alive, qedfuse, wait_until
 
 from qedfuse import format as fmt
-from qedfuse.mount import overlay_backing_name
+from qedfuse.opening import overlay_backing_name
 from support import check_ok, require_tool, run
 
 # --------------------------------------------------------------------------- backing names
@@ -98,8 +98,8 @@ def _slow_start_image(path: Path) -> None:
     # write one cluster into each of many L2 tables so the check has tables to walk
     import trio
 
-    from qedfuse.engine import open_image
     from qedfuse.imagefile import FileImage
+    from qedfuse.opening import open_image
 
     async def fill() -> None:
         async with await open_image(FileImage.open(path, read_only=False)) as img:

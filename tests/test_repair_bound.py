@@ -34,8 +34,8 @@ from fusehelpers import QEDFUSE, fusermount_u, mount_entry, mounted, need_check
 from qedfuse import check as check_mod
 from qedfuse import format as fmt
 from qedfuse.check import FREE_SPACE_RESERVE, RepairLimitError, check_image
-from qedfuse.engine import open_image
 from qedfuse.imagefile import FileImage
+from qedfuse.opening import open_image
 from support import _unavailable, check_ok, describe, require_fuse, require_tool, run
 
 KiB = 1024

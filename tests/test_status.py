@@ -534,8 +534,8 @@ def test_detached_daemon_says_where_it_logs(tmp_path: Path, syslog: bool) -> Non
 @pytest.mark.parametrize("seed", range(6))
 async def test_engine_records_count_exactly(tmp_path: Path, seed: int) -> None:
     """The engine, cache and I/O records against a model: random writes, then a flush."""
-    from qedfuse.engine import open_image
     from qedfuse.imagefile import FileImage, io_statistics
+    from qedfuse.opening import open_image
     from qedfuse.tables import create_image
 
     rng = random.Random(seed)
