@@ -355,3 +355,74 @@ def test_qemu_difference_citations_resolve() -> None:
         missing
     )
     assert not bare, "QEMU bug letters cited without docs/qemu-differences.md:\n" + "\n".join(bare)
+
+
+#: Every module's layer, bottom up, as docs/architecture.md draws them.  A module imports
+#: (at run time, functions included) only from its own layer or below; within one layer the
+#: cycle tests above keep the order.  A new module must be placed here.
+LAYERS: dict[str, int] = {
+    # 0: leaves and the pure codecs
+    **dict.fromkeys(
+        ["errors", "format", "records", "procfs", "logsetup", "sdnotify", "options", "uring"], 0
+    ),
+    "locking": 0,
+    # 1: the I/O seam
+    "imagefile": 1,
+    # 2: the table layout under both engine and check
+    "tables": 2,
+    # 3: the engine's parts, and check/repair
+    **dict.fromkeys(["l2cache", "writeplan", "check"], 3),
+    # 4: the engine, and the backing chain's policy
+    **dict.fromkeys(["engine", "backing"], 4),
+    # 5: the composition root
+    "opening": 5,
+    # 6: the FUSE layer
+    **dict.fromkeys(["fs", "fuseloop"], 6),
+    # 7-12: the offline commands, and the mount's modules in the order they use each other
+    **dict.fromkeys(["tools", "control", "mounttable"], 7),
+    "registry": 8,
+    "umount": 9,
+    "daemonize": 10,
+    "serve": 11,
+    "mount": 12,
+    # 13-14: the command line, and what is generated from it
+    "cli": 13,
+    **dict.fromkeys(["docgen", "__main__"], 14),
+}
+
+#: Run-time imports that go up a layer, with the reason.  Only shrinks.
+UPWARD_IMPORTS = {
+    ("qedfuse.locking", "qedfuse.registry"): "a lock conflict names the mount whose daemon "
+    "holds the image (registry.mountpoint_of_daemon), inside the function that words the error",
+}
+
+
+def _layer(module: str) -> int:
+    return LAYERS[module.removeprefix(PACKAGE + ".").split(".")[0]]
+
+
+def test_every_module_has_a_layer() -> None:
+    """A new module is placed in LAYERS (and in docs/architecture.md); a gone one is removed."""
+    placed = {f"{PACKAGE}.{name}" for name in LAYERS}
+    top = {".".join(name.split(".")[:2]) for name in MODULES if name != PACKAGE}
+    assert not top - placed, f"modules without a layer in LAYERS: {sorted(top - placed)}"
+    assert not placed - top, f"LAYERS names modules that are gone: {sorted(placed - top)}"
+
+
+def test_imports_go_down_the_layers() -> None:
+    """No run-time import (functions included) reaches a higher layer, except the listed."""
+    up = {
+        (imp.importer, imp.module)
+        for imp in ALL_IMPORTS
+        if not imp.type_checking
+        and imp.importer != PACKAGE
+        and imp.module in MODULES
+        and imp.module != PACKAGE
+        and _layer(imp.module) > _layer(imp.importer)
+    }
+    new = sorted(up - set(UPWARD_IMPORTS))
+    assert not new, "imports that reach a higher layer:\n" + "\n".join(
+        f"  {a} (layer {_layer(a)}) imports {b} (layer {_layer(b)})" for a, b in new
+    )
+    stale = sorted(set(UPWARD_IMPORTS) - up)
+    assert not stale, f"UPWARD_IMPORTS lists imports that are gone or no longer upward: {stale}"
