@@ -152,6 +152,17 @@ async def _backing_format(file: BlockFile) -> str:
     return detected
 
 
+async def _probe_backing(path: str) -> str:
+    """The format of the backing file at ``path`` (opened, probed and closed)."""
+    probe = FileImage(
+        _open_fd(path, read_only=True, what="Could not open backing file: "), read_only=True
+    )
+    try:
+        return await _backing_format(probe)
+    finally:
+        await probe.aclose()
+
+
 async def open_path(
     path: str,
     *,
@@ -243,12 +254,7 @@ async def _open_backing(
     if format_name not in (None, "raw", "qed"):
         raise BackingFileError(f"unsupported backing format {format_name!r}")
     if format_name != "raw":
-        fd = _open_fd(path, read_only=True, what="Could not open backing file: ")
-        probe = FileImage(fd, read_only=True)
-        try:
-            detected = await _backing_format(probe)
-        finally:
-            await probe.aclose()
+        detected = await _probe_backing(path)
         if format_name == "qed" and detected != "qed":
             raise BackingFileError(f"backing file '{path}' is not a QED image")
         format_name = detected
@@ -302,12 +308,7 @@ async def backing_chain(path: str) -> list[tuple[str, str]]:
             if header.backing_is_raw:
                 fmt_name = "raw"
             else:
-                nfd = _open_fd(nxt, read_only=True, what="Could not open backing file: ")
-                nfile = FileImage(nfd, read_only=True)
-                try:
-                    fmt_name = await _backing_format(nfile)
-                finally:
-                    await nfile.aclose()
+                fmt_name = await _probe_backing(nxt)
             current = nxt
         finally:
             await file.aclose()
