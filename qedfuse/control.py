@@ -361,7 +361,10 @@ def query(ref: MountRef, command: str, timeout: float) -> dict[str, Any]:
             detail = "the daemon runs, but nothing listens on its control socket"
         return {**base, "ok": False, "state": state, "error": detail}
     if not _well_formed(answer, command):
-        raise MalformedAnswer(ref.pid)
+        # One daemon's garbage (another version, a stand-in) must not hide the other mounts
+        # from ``list``/``status``: it is this mount's state, worded as the error.
+        error = str(MalformedAnswer(ref.pid))
+        return {**base, "ok": False, "state": "malformed answer", "error": error}
     answer.setdefault("state", "running")
     return {**base, **answer, "mountpoint": ref.mountpoint, "pid": ref.pid}
 

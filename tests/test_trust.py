@@ -269,7 +269,8 @@ def test_answers_of_the_wrong_shape_are_one_line_errors(
     from qedfuse import cli
 
     image = _create(tmp_path / "disk.qed")
-    with mounted(image, tmp_path / "mnt") as m:
+    other = _create(tmp_path / "other.qed")
+    with mounted(image, tmp_path / "mnt") as m, mounted(other, tmp_path / "other-mnt") as o:
         real_status = _json(qedfuse("status", "--json", m.mnt))[0]
         real_status.pop("mountpoint")
         real_status["problems"] = [{"time": 1.0, "level": "WARNING", "message": "m"}]
@@ -300,13 +301,24 @@ def test_answers_of_the_wrong_shape_are_one_line_errors(
                 for argv in argv_sets:
                     capsys.readouterr()
                     rc = cli.main(argv)
-                    err = capsys.readouterr().err
+                    out, err = capsys.readouterr()
                     if n % 15 == 0:  # and the installed command agrees
                         cp = qedfuse(*argv)
                         assert (cp.returncode, cp.stderr) == (rc, err), describe(cp)
-                    what = f"{label} {argv}: rc {rc}, stderr {err!r}"
+                    what = f"{label} {argv}: rc {rc}, stdout {out!r}, stderr {err!r}"
                     assert "Traceback" not in err, what
                     assert "internal error" not in err, what
+                    if argv == ["list"]:
+                        # one daemon's garbage never hides the other mounts
+                        (line,) = [x for x in out.splitlines() if str(o.mnt) in x]
+                        assert f"running  pid {o.pid} " in line, what
+                    if "malformed answer" in out:
+                        # status and list show it as that mount's state, naming the pid
+                        assert f"pid {fake_pid}" in out, what
+                        assert rc == (0 if argv == ["list"] else 1), what
+                        assert not err, what
+                        refused += 1
+                        continue
                     if rc == 0:
                         continue  # a field nothing reads: harmless
                     assert rc == 1, what
