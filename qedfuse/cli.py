@@ -35,7 +35,7 @@ from typing import NoReturn, TextIO
 
 import trio
 
-from qedfuse import __version__, tools
+from qedfuse import __version__, commands
 from qedfuse.errors import QedError, UsageError, one_line, say
 from qedfuse.errors import UserError as CliError
 from qedfuse.logsetup import setup_logging
@@ -351,10 +351,10 @@ def _dump_json(value: object) -> None:
 
 
 def _run_create(ns: argparse.Namespace) -> int:
-    options = tools.parse_create_options(ns.options)
-    size = tools.parse_size(ns.size) if ns.size is not None else None
+    options = commands.parse_create_options(ns.options)
+    size = commands.parse_size(ns.size) if ns.size is not None else None
     result = trio.run(
-        lambda: tools.create(
+        lambda: commands.create(
             ns.image,
             size,
             cluster_size=options.cluster_size,
@@ -382,7 +382,7 @@ def _warn_table_size_1() -> None:
 
 
 def _run_info(ns: argparse.Namespace) -> int:
-    result = trio.run(lambda: tools.info(ns.image, force_share=ns.force_share))
+    result = trio.run(lambda: commands.info(ns.image, force_share=ns.force_share))
     if not ns.backing_chain:
         if _output(ns) == "json":
             _dump_json(result.to_json())
@@ -395,7 +395,7 @@ def _run_info(ns: argparse.Namespace) -> int:
     texts = [result.human_text()]
     for path, layer_format in result.chain[1:]:
         if layer_format == "qed":
-            layer = trio.run(functools.partial(tools.info, path, force_share=ns.force_share))
+            layer = trio.run(functools.partial(commands.info, path, force_share=ns.force_share))
             layers.append(layer.to_json())
             texts.append(layer.human_text())
         else:
@@ -421,18 +421,18 @@ def _raw_info(path: str) -> tuple[dict[str, object], str]:
     }
     text = (
         f"image: {path}\nfile format: raw\n"
-        f"virtual size: {tools.human_size(st.st_size)} ({st.st_size} bytes)\n"
-        f"disk size: {tools.human_size(st.st_blocks * 512)}\n"
+        f"virtual size: {commands.human_size(st.st_size)} ({st.st_size} bytes)\n"
+        f"disk size: {commands.human_size(st.st_blocks * 512)}\n"
     )
     return record, text
 
 
 def _run_check(ns: argparse.Namespace) -> int:
-    max_copy = tools.parse_size(ns.max_copy) if ns.max_copy is not None else None
+    max_copy = commands.parse_size(ns.max_copy) if ns.max_copy is not None else None
     if ns.repair is None and (max_copy is not None or ns.duplicates != "copy"):
         raise UsageError("check: --duplicates and --max-copy apply only with -r")
     report = trio.run(
-        lambda: tools.check(
+        lambda: commands.check(
             ns.image,
             repair=ns.repair,
             force_share=ns.force_share,
@@ -450,12 +450,12 @@ def _run_check(ns: argparse.Namespace) -> int:
 
 
 def _run_convert(ns: argparse.Namespace) -> int:
-    options = tools.parse_create_options(ns.options)
+    options = commands.parse_create_options(ns.options)
     if ns.options and ns.dst_format != "qed":
         raise UsageError("convert: -o applies only to -O qed")
     bar = _ProgressBar(sys.stderr) if ns.progress and not ns.quiet else None
     trio.run(
-        lambda: tools.convert(
+        lambda: commands.convert(
             ns.src,
             ns.dst,
             dst_format=ns.dst_format,
@@ -475,16 +475,16 @@ def _run_convert(ns: argparse.Namespace) -> int:
 
 
 def _run_map(ns: argparse.Namespace) -> int:
-    entries = trio.run(lambda: tools.map_image(ns.image, force_share=ns.force_share))
+    entries = trio.run(lambda: commands.map_image(ns.image, force_share=ns.force_share))
     if _output(ns) == "json":
-        sys.stdout.write(tools.map_json(entries))
+        sys.stdout.write(commands.map_json(entries))
     else:
-        sys.stdout.write(tools.map_human(entries))
+        sys.stdout.write(commands.map_human(entries))
     return 0
 
 
 def _run_resize(ns: argparse.Namespace) -> int:
-    trio.run(lambda: tools.resize(ns.image, ns.size))
+    trio.run(lambda: commands.resize(ns.image, ns.size))
     if not ns.quiet:
         print("Image resized.")
     return 0
@@ -492,7 +492,7 @@ def _run_resize(ns: argparse.Namespace) -> int:
 
 def _run_commit(ns: argparse.Namespace) -> int:
     bar = _ProgressBar(sys.stderr) if ns.progress and not ns.quiet else None
-    result = trio.run(lambda: tools.commit(ns.image, progress=bar))
+    result = trio.run(lambda: commands.commit(ns.image, progress=bar))
     if bar is not None:
         bar.finish()
     if not ns.quiet:

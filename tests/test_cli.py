@@ -261,12 +261,12 @@ def test_unexpected_exception_is_one_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     """A bug (not a QedError/OSError) still prints one line; --debug adds the traceback."""
-    from qedfuse import tools
+    from qedfuse import commands
 
     async def broken(path: str, *, force_share: bool = False) -> object:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(tools, "info", broken)
+    monkeypatch.setattr(commands, "info", broken)  # cli calls it as commands.info
     assert cli.main(["info", str(tmp_path / "x.qed")]) == 1
     err = capsys.readouterr().err
     assert err.splitlines() == [

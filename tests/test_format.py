@@ -499,7 +499,7 @@ def test_create_geometry_matrix_against_qemu_img(cs: int, tmp_path: Path, qemu_i
     cannot open."""
     import trio
 
-    from qedfuse import tools
+    from qedfuse import commands
 
     problems: list[str] = []
     for ts in range(1, 17):
@@ -512,7 +512,7 @@ def test_create_geometry_matrix_against_qemu_img(cs: int, tmp_path: Path, qemu_i
             what = f"cs={cs} ts={ts} size={size}"
             ours = tmp_path / f"ours-{ts}-{size}.qed"
             try:
-                trio.run(partial(tools.create, str(ours), size, cluster_size=cs, table_size=ts))
+                trio.run(partial(commands.create, str(ours), size, cluster_size=cs, table_size=ts))
                 refused = None
             except UserError as exc:
                 refused = str(exc)

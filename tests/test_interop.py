@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import qededit
 
-from qedfuse import cli, logsetup, tools
+from qedfuse import cli, commands, logsetup
 from qedfuse.opening import open_path
 from support import check_ok, data_ranges, describe, run
 
@@ -211,7 +211,7 @@ async def test_engine_written_image_passes_qemu_check(
     tmp_path: Path, qemu_img: str, cluster_size: int, table_size: int, size: int
 ) -> None:
     image = tmp_path / "image.qed"
-    await tools.create(str(image), size, cluster_size=cluster_size, table_size=table_size)
+    await commands.create(str(image), size, cluster_size=cluster_size, table_size=table_size)
     l2_coverage = table_size * cluster_size // 8 * cluster_size
     rng = random.Random(cluster_size * 31 + table_size)
     writes: list[tuple[int, bytes]] = []
@@ -248,7 +248,7 @@ async def test_engine_written_overlay_passes_qemu_check(tmp_path: Path, qemu_img
     base_bytes = _pattern(random.Random(7), 5 * MiB)
     base.write_bytes(base_bytes)
     over = tmp_path / "over.qed"
-    await tools.create(
+    await commands.create(
         str(over), 8 * MiB, cluster_size=4096, backing="base.raw", backing_format="raw"
     )
     writes: list[tuple[int, bytes]] = [(0, base_bytes)]

@@ -379,7 +379,7 @@ LAYERS: dict[str, int] = {
     # 6: the FUSE layer
     **dict.fromkeys(["fs", "fuseloop"], 6),
     # 7-12: the offline commands, and the mount's modules in the order they use each other
-    **dict.fromkeys(["tools", "control", "mounttable"], 7),
+    **dict.fromkeys(["commands", "control", "mounttable"], 7),
     "registry": 8,
     "umount": 9,
     "daemonize": 10,
