@@ -167,6 +167,19 @@ def test_the_parser_sees_the_package() -> None:
     inner = [i for i in imports_of("qedfuse.serve") if i.module == "qedfuse.opening"]
     assert inner
     assert not any(i.top_level for i in inner)  # the function-level import is seen as such
+    # subpackages are walked too, and their imports resolve to the package's modules
+    assert {"qedfuse.commands", "qedfuse.commands.copy"} <= set(MODULES)
+    copy_imports = {imp.module for imp in imports_of("qedfuse.commands.copy")}
+    assert {"qedfuse.commands.common", "qedfuse.opening"} <= copy_imports
+    relative = [
+        node
+        for node in ast.parse("from .common import parse_size\nfrom .. import format").body
+        if isinstance(node, ast.ImportFrom)
+    ]
+    assert [_resolve_from("qedfuse.commands.copy", False, node) for node in relative] == [
+        ["qedfuse.commands.common"],
+        ["qedfuse.format"],
+    ]
 
 
 #: The FUSE layer, the only modules that import pyfuse3: the protocol adapter (fs.py) and the
@@ -332,9 +345,9 @@ def _anchors(markdown: str) -> set[str]:
 
 
 def _cited_sources() -> list[Path]:
-    return sorted(
-        p for d in ("qedfuse", "tests", "bench") for p in (REPO / d).glob("*.py") if p.is_file()
-    )
+    """Every module of the package (subpackages too) and the test and bench files."""
+    tests_bench = [p for d in ("tests", "bench") for p in (REPO / d).glob("*.py") if p.is_file()]
+    return sorted({*MODULES.values(), *tests_bench})
 
 
 def test_qemu_difference_citations_resolve() -> None:
