@@ -624,20 +624,22 @@ def test_commit_into_block_device(tmp_path: Path, loops: Callable[[Path], str]) 
 # ---------------------------------------------------------------------- interruptions
 
 
-def _interrupt_when(args: list[str], ready: Callable[[], bool]) -> subprocess.CompletedProcess[str]:
-    """Run ``args``, send SIGINT once ``ready()``, return the result (bounded)."""
+def _interrupt_when(
+    args: list[str], ready: Callable[[int], bool], sig: int = signal.SIGINT
+) -> subprocess.CompletedProcess[str]:
+    """Run ``args``, send ``sig`` once ``ready(pid)``, return the result (bounded)."""
     proc = subprocess.Popen(
         args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
     deadline = time.monotonic() + 60
     try:
-        while not ready():
+        while not ready(proc.pid):
             if proc.poll() is not None:
                 pytest.fail(f"finished before it could be interrupted: {proc.communicate()}")
             if time.monotonic() > deadline:
                 pytest.fail("never got ready to be interrupted")
             time.sleep(0.002)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         out, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
@@ -658,10 +660,35 @@ def _big_qed(tmp: Path, name: str, size: int) -> Path:
     return image
 
 
-@pytest.mark.parametrize("target", ["file", "symlink"])
-def test_convert_force_replaces_by_rename(tmp_path: Path, target: str) -> None:
+def _writing_replacement(pid: int, directory: Path) -> bool:
+    """Whether ``pid`` has a replacement file open in ``directory`` with data in it: a
+    temporary name there, or an unnamed (``O_TMPFILE``) file."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            st = os.stat(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        in_dir = os.path.dirname(target) == os.fspath(directory)
+        temp = target.endswith(".qedfuse-tmp") or target.endswith(" (deleted)")
+        if in_dir and temp and st.st_size > 0:
+            return True
+    return False
+
+
+@pytest.mark.parametrize(
+    ("target", "sig"),
+    [("file", signal.SIGINT), ("symlink", signal.SIGINT), ("file", signal.SIGKILL)],
+    ids=["file-ctrl-c", "symlink-ctrl-c", "file-kill-9"],
+)
+def test_convert_force_replaces_by_rename(tmp_path: Path, target: str, sig: int) -> None:
     """--force writes beside the target and renames: the mode is kept, a symlink stays a
-    symlink, no temporary file is left; an interrupted run leaves the old file untouched."""
+    symlink, no temporary file is left; an interrupted run, even by SIGKILL, leaves the old
+    file untouched and no temporary file behind."""
     old = tmp_path / "old.raw"
     old.write_bytes(b"old contents" * 1000)
     os.chmod(old, 0o640)
@@ -670,17 +697,20 @@ def test_convert_force_replaces_by_rename(tmp_path: Path, target: str) -> None:
         dst = tmp_path / "link.raw"
         dst.symlink_to("old.raw")
     src = _big_qed(tmp_path, "src.qed", 128 * MiB)
+    before = set(os.listdir(tmp_path))
 
-    def temp_exists() -> bool:
-        return any(p.name.endswith(".qedfuse-tmp") for p in tmp_path.iterdir())
+    def leftovers() -> set[str]:
+        return set(os.listdir(tmp_path)) - before
 
     cp = _interrupt_when(
-        [QEDFUSE, "convert", "--force", "-O", "raw", os.fspath(src), os.fspath(dst)], temp_exists
+        [QEDFUSE, "convert", "--force", "-O", "raw", os.fspath(src), os.fspath(dst)],
+        lambda pid: _writing_replacement(pid, tmp_path),
+        sig,
     )
-    assert cp.returncode != 0, describe(cp)
+    assert cp.returncode == -sig if sig == signal.SIGKILL else cp.returncode != 0, describe(cp)
     assert "Traceback" not in cp.stderr
     assert old.read_bytes() == b"old contents" * 1000
-    assert not temp_exists()
+    assert not leftovers()
     small = tmp_path / "small.qed"
     check_ok(in_process(["create", os.fspath(small), "1M"])[0])
     check_ok(run([require_tool("qemu-io"), "-f", "qed", "-c", "write -P 5 0 4k", small]))
@@ -688,7 +718,7 @@ def test_convert_force_replaces_by_rename(tmp_path: Path, target: str) -> None:
     assert old.read_bytes() == b"\x05" * 4096 + bytes(MiB - 4096)
     assert stat.S_IMODE(old.stat().st_mode) == 0o640
     assert dst.is_symlink() == (target == "symlink")
-    assert not temp_exists()
+    assert leftovers() == {"small.qed"}
 
 
 def test_commit_interrupted_says_what_next(tmp_path: Path) -> None:
@@ -708,7 +738,7 @@ def test_commit_interrupted_says_what_next(tmp_path: Path) -> None:
     def base_written() -> bool:
         return base.stat().st_blocks > 0
 
-    cp = _interrupt_when([QEDFUSE, "commit", os.fspath(overlay)], base_written)
+    cp = _interrupt_when([QEDFUSE, "commit", os.fspath(overlay)], lambda _pid: base_written())
     assert cp.returncode == 130, describe(cp)
     lines = cp.stderr.strip().splitlines()
     assert len(lines) == 1, describe(cp)

@@ -6,6 +6,7 @@ copy and window sizes, walking an open chain, and the target files convert and c
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
 import re
@@ -180,12 +181,29 @@ def temp_name(dst: str) -> tuple[str, str]:
     return os.path.join(directory, f".{name}.{secrets.token_hex(4)}.qedfuse-tmp"), final
 
 
-def create_temp(dst: str, temp_path: str, like: os.stat_result) -> int:
-    """Create ``temp_path`` with the mode (and owner, where allowed) of the file it replaces."""
+def create_temp(dst: str, temp_path: str, like: os.stat_result) -> tuple[int, bool]:
+    """A file to write ``dst``'s replacement into, with the mode (and owner, where allowed) of
+    the file it replaces: (fd, named).
+
+    Where the filesystem allows, the file has no name until :func:`durable_replace` links it
+    (``O_TMPFILE``), so a run killed even by SIGKILL leaves nothing behind; elsewhere it is
+    created at ``temp_path`` (and removed by the caller on an error).
+    """
+    named = False
     try:
-        fd = os.open(temp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fd = os.open(os.path.dirname(temp_path), os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
     except OSError as exc:
-        raise UserError(f"{dst}: cannot create a temporary file beside it: {exc.strerror}") from exc
+        if exc.errno not in _NO_TMPFILE:
+            raise UserError(
+                f"{dst}: cannot create a temporary file beside it: {exc.strerror}"
+            ) from exc
+        try:
+            fd = os.open(temp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as exc2:
+            raise UserError(
+                f"{dst}: cannot create a temporary file beside it: {exc2.strerror}"
+            ) from exc2
+        named = True
     try:
         os.fchmod(fd, stat.S_IMODE(like.st_mode))
         if (like.st_uid, like.st_gid) != (os.getuid(), os.getgid()):
@@ -193,12 +211,30 @@ def create_temp(dst: str, temp_path: str, like: os.stat_result) -> int:
                 os.fchown(fd, like.st_uid, like.st_gid)
     except BaseException:
         os.close(fd)
+        if named:
+            unlink_quietly(temp_path)
         raise
-    return fd
+    return fd, named
 
 
-async def durable_replace(temp: str, final: str) -> None:
-    """Rename ``temp`` over ``final`` and make the rename durable (fsync the directory)."""
+#: What open(O_TMPFILE) fails with where the filesystem (or kernel) has no unnamed files.
+_NO_TMPFILE: Final = frozenset({errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOSYS})
+
+
+async def durable_replace(temp: str, final: str, *, unnamed_fd: int | None = None) -> None:
+    """Rename ``temp`` over ``final`` and make the rename durable (fsync the directory).
+
+    With ``unnamed_fd`` (an ``O_TMPFILE`` file), the file is first linked at ``temp``: only
+    between that link and the rename could a SIGKILL leave it behind.
+    """
+    if unnamed_fd is not None:
+        # linkat(AT_SYMLINK_FOLLOW) through /proc/self/fd: needs no privilege, unlike
+        # AT_EMPTY_PATH (a plain link() would link the /proc symlink itself: EXDEV)
+        proc_fd = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.link(str(unnamed_fd), temp, src_dir_fd=proc_fd, follow_symlinks=True)
+        finally:
+            os.close(proc_fd)
     os.replace(temp, final)
     dir_fd = os.open(os.path.dirname(final), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:

@@ -142,6 +142,7 @@ async def convert(
         # Ctrl-C lands, a temporary file is removed and a file we created is deleted.
         temp_path: str | None = None
         temp_fd = -1
+        temp_named = False
         renamed = device = in_place = False
         out: OutputFile | None = None
         try:
@@ -161,7 +162,7 @@ async def convert(
                 # Write beside it and rename at the end: an interrupted run keeps the old file.
                 temp_path, final = temp_name(dst)
                 try:
-                    temp_fd = create_temp(dst, temp_path, st)
+                    temp_fd, temp_named = create_temp(dst, temp_path, st)
                 except UserError as exc:
                     cause = exc.__cause__
                     if not (
@@ -189,7 +190,9 @@ async def convert(
                     source, out, size, cluster_size, table_size, progress
                 )
             if temp_path is not None:
-                await durable_replace(temp_path, final)
+                await durable_replace(
+                    temp_path, final, unnamed_fd=None if temp_named else out.fileno()
+                )
                 renamed = True
         except BaseException as exc:
             if temp_path is not None and not renamed:
