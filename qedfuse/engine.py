@@ -86,7 +86,6 @@ from qedfuse.allocator import Allocator
 from qedfuse.clustermap import ClusterMap, Extent, Kind
 from qedfuse.enginestats import EngineStatistics, EngineStats
 from qedfuse.errors import (
-    CorruptionError,
     FailsafeError,
     OutOfRangeError,
     QedError,
