@@ -1,9 +1,10 @@
 """Consistency check and repair of a QED image (``qedfuse check``, repair on a dirty open).
 
 The check works on the image file alone (a :class:`~qedfuse.imagefile.BlockFile`, read and
-written through :mod:`qedfuse.tables`), never through the engine's cache (over 600 lines: the
-walk, its repairs and their bounds are one algorithm over one cluster bitmap).  It
-classifies problems as QEMU 7.2's ``qemu-img check`` does:
+written through :mod:`qedfuse.tables`), never through the engine's cache; the report it
+returns, and its text and JSON, are :mod:`qedfuse.checkreport`'s.  Over 600 lines: the walk,
+its repairs and their bounds are one algorithm over one cluster bitmap.  It classifies
+problems as QEMU 7.2's ``qemu-img check`` does:
 
 * **corruption**: an L1 entry that is not a valid L2 table offset (unaligned, inside the
   header, table running past the end of the file) or whose table overlaps the header, the
@@ -88,12 +89,12 @@ import shlex
 import stat
 from array import array
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Literal
 
 import trio
 
 from qedfuse import format as fmt
+from qedfuse.checkreport import CheckReport, plural
 from qedfuse.errors import QedError, ReadOnlyError
 from qedfuse.tables import (
     PAGE_ENTRIES,
@@ -167,130 +168,6 @@ def _zeroed_bitmap(n_bytes: int) -> bytearray | mmap.mmap:
     if n_bytes <= 1 << 20:
         return bytearray(n_bytes)
     return mmap.mmap(-1, n_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-
-
-@dataclass
-class CheckReport:
-    """The result of :func:`check_image` (counts use qemu-img's names and meanings)."""
-
-    image_size: int
-    cluster_size: int
-    total_clusters: int  # ceil(image_size / cs)
-    allocated_clusters: int  # L2 entries that are data offsets (valid or not)
-    fragmented_clusters: int  # per table, allocated entries not at previous + cs
-    leaks: int  # unreferenced clusters after the header (after repair: remaining)
-    leaks_fixed: int
-    corruptions: int  # remaining after repair
-    corruptions_fixed: int
-    check_errors: int  # I/O errors during the check
-    need_check: bool  # NEED_CHECK bit on disk after the check
-    messages: list[str] = field(default_factory=list)
-
-    def exit_code(self) -> int:
-        """qemu-img's: 1 check incomplete, 2 corruptions, 3 only leaks, 0 clean."""
-        if self.check_errors:
-            return 1
-        if self.corruptions:
-            return 2
-        if self.leaks:
-            return 3
-        return 0
-
-    def summary_line(self) -> str:
-        """One line for logs: ``2 corruptions fixed, 1 leaked cluster reclaimed, 0 remaining``."""
-        parts: list[str] = []
-        if self.corruptions_fixed:
-            parts.append(f"{_plural(self.corruptions_fixed, 'corruption')} fixed")
-        if self.leaks_fixed:
-            parts.append(f"{_plural(self.leaks_fixed, 'leaked cluster')} reclaimed")
-        remaining: list[str] = []
-        if self.corruptions:
-            remaining.append(_plural(self.corruptions, "corruption"))
-        if self.leaks:
-            remaining.append(_plural(self.leaks, "leaked cluster"))
-        if self.check_errors:
-            remaining.append(_plural(self.check_errors, "check error"))
-        if not parts and not remaining:
-            return "no errors found"
-        if parts:
-            parts.append(f"{' and '.join(remaining)} remaining" if remaining else "0 remaining")
-        else:
-            parts.append(" and ".join(remaining) + " found")
-        return ", ".join(parts)
-
-    def to_json(self, filename: str | None = None) -> dict[str, object]:
-        """``qemu-img check --output=json``'s object: zero optional counts are omitted.
-
-        The caller may add ``"filename"`` (or pass it here to get qemu-img's key order).
-        """
-        out: dict[str, object] = {}
-        if self.total_clusters:
-            out["total-clusters"] = self.total_clusters
-        if self.corruptions:
-            out["corruptions"] = self.corruptions
-        if self.corruptions_fixed:
-            out["corruptions-fixed"] = self.corruptions_fixed
-        out["check-errors"] = self.check_errors
-        if self.leaks:
-            out["leaks"] = self.leaks
-        if self.leaks_fixed:
-            out["leaks-fixed"] = self.leaks_fixed
-        if self.allocated_clusters:
-            out["allocated-clusters"] = self.allocated_clusters
-        if filename is not None:
-            out["filename"] = filename
-        out["format"] = "qed"
-        if self.fragmented_clusters:
-            out["fragmented-clusters"] = self.fragmented_clusters
-        return out
-
-    def human_text(self, filename: str) -> str:
-        """qemu-img check's human output, preceded by one line per finding."""
-        lines: list[str] = []
-        if self.corruptions_fixed or self.leaks_fixed:
-            lines += [
-                "The following inconsistencies were found and repaired:",
-                "",
-                f"    {self.leaks_fixed} leaked clusters",
-                f"    {self.corruptions_fixed} corruptions",
-                "",
-                "Double checking the fixed image now...",
-            ]
-        if not (self.corruptions or self.leaks or self.check_errors):
-            lines.append("No errors were found on the image.")
-        else:
-            if self.corruptions:
-                lines += [
-                    "",
-                    f"{self.corruptions} errors were found on the image.",
-                    "Data may be corrupted, or further writes to the image may corrupt it.",
-                ]
-            if self.leaks:
-                lines += [
-                    "",
-                    f"{self.leaks} leaked clusters were found on the image.",
-                    "This means waste of disk space, but no harm to data.",
-                ]
-            if self.check_errors:
-                lines += [
-                    "",
-                    f"{self.check_errors} internal errors have occurred during the check.",
-                ]
-        if self.total_clusters and self.allocated_clusters:
-            lines.append(
-                f"{self.allocated_clusters}/{self.total_clusters} = "
-                f"{self.allocated_clusters * 100.0 / self.total_clusters:.2f}% allocated, "
-                f"{self.fragmented_clusters * 100.0 / self.allocated_clusters:.2f}% fragmented, "
-                "0.00% compressed clusters"
-            )
-        findings = [f"{filename}: {m}" for m in self.messages]
-        if findings and lines[0]:
-            findings.append("")
-        return "\n".join(findings + lines) + "\n"
-
-
-def _plural(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _repair_flag(repair: bool | str | None) -> bool:
@@ -473,7 +350,7 @@ class _Pass:
                 n_bad = len(overlaps)
                 problem = (
                     f"L2 table at {offset:#x} overlaps {self._owner(overlaps[0])} "
-                    f"({_plural(n_bad, 'cluster')})"
+                    f"({plural(n_bad, 'cluster')})"
                 )
             if repair:
                 l1[l1_index] = fmt.UNALLOCATED
@@ -591,7 +468,7 @@ class _Pass:
             suffix = f"; repaired: file truncated to {used_end:#x}" if wording else ""
             self.note(
                 f"clusters {used_end:#x}..{self.alloc_end - 1:#x} "
-                f"({_plural(n_trailing, 'cluster')}) at the end of the file are not "
+                f"({plural(n_trailing, 'cluster')}) at the end of the file are not "
                 f"referenced: leaked{suffix}"
             )
         if repair:
@@ -654,7 +531,7 @@ class _Pass:
             n_run = cluster - run_start
             self.note(
                 f"clusters {run_start * cs:#x}..{cluster * cs - 1:#x} "
-                f"({_plural(n_run, 'cluster')}) are not referenced: leaked"
+                f"({plural(n_run, 'cluster')}) are not referenced: leaked"
                 + ("; cannot be reclaimed (not at the end of the file)" if repair else "")
             )
 
@@ -794,7 +671,7 @@ async def check_image(
         final = _Pass(file, header, geometry, file_size)
         await final.run(repair=False)
         remaining = [
-            _plural(n, noun)
+            plural(n, noun)
             for n, noun in (
                 (final.corruptions, "corruption"),
                 (final.leaks, "leaked cluster"),
@@ -863,7 +740,7 @@ async def _check_copy_budget(
     image = shlex.quote(name or _file_name(file) or "IMAGE")
     raise RepairLimitError(
         f"repair refused, nothing was changed: copying "
-        f"{_plural(n_copies, 'duplicated cluster reference')} needs {_human(need)} "
+        f"{plural(n_copies, 'duplicated cluster reference')} needs {_human(need)} "
         f"({need} bytes), {' and '.join(reasons)}; run `qedfuse check -r all "
         f"--duplicates=unmap {image}` to unmap those references instead (they then read as "
         f"unallocated), or free space or raise the limit with `qedfuse check -r all "

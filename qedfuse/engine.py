@@ -2,10 +2,15 @@
 
 Reads and writes guest byte ranges of a QED image through an in-memory L1 table and a
 bounded cache of L2 tables.  All file access goes through a :class:`~qedfuse.imagefile.BlockFile`.
-The cached tables and their validation are :mod:`qedfuse.l2cache`'s, the header and table
-I/O :mod:`qedfuse.tables`', the per-cluster write plan :mod:`qedfuse.writeplan`'s.  Over 600
-lines because the read, write, flush and failsafe paths share one allocation lock and one
-cached state, and splitting them would spread that invariant over several files.
+What is not the I/O paths lives apart: the held map (L1, cached L2 tables, trust in what was
+read, lookup of a guest range) is :mod:`qedfuse.clustermap`'s, with the L1 table in
+:mod:`qedfuse.l1table` and the L2 tables, their cache and validation in :mod:`qedfuse.l2cache`;
+the header and table I/O is :mod:`qedfuse.tables`', the per-cluster write plan
+:mod:`qedfuse.writeplan`'s, the allocator :mod:`qedfuse.allocator`'s, the check that nobody
+else changed the file :mod:`qedfuse.foreign`'s, the figures :mod:`qedfuse.enginestats`'.
+Over 600 lines because the read, write, flush, resize, close and failsafe paths share one
+allocation lock and one state (NEED_CHECK on disk, dirty metadata, synced data), and
+splitting them would spread that invariant over several files.
 
 Durability protocol (the project's design, stricter than QEMU's write-through order)
 ------------------------------------------------------------------------------------
@@ -66,7 +71,6 @@ it fails with EIO and nothing more is written to the file.
 
 from __future__ import annotations
 
-import enum
 import errno
 import logging
 import time
@@ -78,25 +82,18 @@ import trio
 import trio.testing
 
 from qedfuse import format as fmt
+from qedfuse.allocator import Allocator
+from qedfuse.clustermap import ClusterMap, Extent, Kind
+from qedfuse.enginestats import EngineStatistics, EngineStats
 from qedfuse.errors import (
-    CorruptionError,
     FailsafeError,
     OutOfRangeError,
     QedError,
     ReadOnlyError,
 )
-from qedfuse.l2cache import (
-    MAX_CONTESTED,
-    ClusterBitmap,
-    L2Cache,
-    L2Table,
-    validate_l1,
-    validate_l2,
-)
-from qedfuse.records import StatsRecord
+from qedfuse.foreign import foreign_change
+from qedfuse.l2cache import L2Table
 from qedfuse.tables import (
-    PAGE_ENTRIES,
-    PAGE_SIZE,
     page_runs,
     read_header,
     read_table,
@@ -107,6 +104,7 @@ from qedfuse.writeplan import WriteKind, plan_write
 
 if TYPE_CHECKING:
     from qedfuse.imagefile import BlockFile, Buffer
+    from qedfuse.l2cache import L2Cache
 
 log = logging.getLogger(__name__)
 
@@ -116,10 +114,6 @@ ZERO_CHUNK_SIZE = 4 * 1024 * 1024
 _ZERO_CHUNK = bytes(ZERO_CHUNK_SIZE)
 #: errnos of a refused write that changed nothing and may succeed once space is freed.
 NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
-#: L1 pages compared with what we wrote, per flush (a hostile L1 may use all of them).
-MAX_VERIFY_PAGES = 16
-#: A reloaded table keeps its own list of bad entries only up to this many (then: all bad).
-MAX_REMEMBERED_BAD = 64
 
 
 class GuestSource(Protocol):
@@ -133,72 +127,6 @@ class GuestSource(Protocol):
         ...
 
     async def aclose(self) -> None: ...
-
-
-class Kind(enum.Enum):
-    """What a run of guest clusters maps to."""
-
-    DATA = "data"  # allocated cluster(s) in this image
-    ZERO = "zero"  # zero cluster(s): read zeros, hide the backing image
-    UNALLOCATED = "unallocated"  # read through to the backing image, or zeros
-
-
-@dataclass(frozen=True, slots=True)
-class Extent:
-    """A run of guest bytes with one mapping; ``host_offset`` only for DATA."""
-
-    kind: Kind
-    pos: int
-    length: int
-    host_offset: int | None = None
-
-
-@dataclass
-class EngineStats:
-    """Counters for tests, benchmarks and ``info``."""
-
-    allocated_clusters: int = 0
-    new_l2_tables: int = 0
-    zero_clusters_written: int = 0
-    zero_writes_skipped: int = 0
-    flushes: int = 0
-    need_check_sets: int = 0
-    flush_failures: int = 0
-    #: Duration of the last completed flush and the longest one, in seconds.
-    last_flush_seconds: float | None = None
-    max_flush_seconds: float = 0.0
-    #: L2 tables and L1 pages the completed flushes wrote.
-    l2_tables_flushed: int = 0
-    l1_pages_flushed: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class EngineStatistics(StatsRecord):
-    """The engine's figures (see :meth:`QedImage.statistics`)."""
-
-    image_size_bytes: int
-    cluster_size_bytes: int
-    read_only: bool
-    #: Where the next cluster goes: the file's length in whole clusters, in bytes.
-    allocator_end_bytes: int
-    #: Clusters past the header, L1 and L2 tables: guest data (and leaks, if any).
-    data_clusters: int
-    l2_tables: int
-    clusters_allocated: int  # by this process
-    new_l2_tables: int
-    zero_clusters_written: int
-    zero_writes_skipped: int
-    flushes: int
-    flush_failures: int
-    last_flush_seconds: float | None
-    max_flush_seconds: float
-    l2_tables_flushed: int
-    l1_pages_flushed: int
-    dirty_l2_tables: int
-    dirty_l1_pages: int
-    need_check_on_disk: bool
-    need_check_sets: int
-    failsafe_reason: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,9 +167,7 @@ class QedImage:
         self.options = options
         self.stats = EngineStats()
         self.failsafe_reason: str | None = None
-        self._cache = L2Cache(options.cache_size, geometry.table_bytes)
         self._alloc_lock = trio.Lock()
-        self._loading: dict[int, trio.Event] = {}
         self._data_gen = 0  # bumped once each data pwrite has completed (or failed)
         self._synced_gen = 0  # value of _data_gen covered by the last completed data sync
         self._need_check_on_disk = header.need_check
@@ -255,16 +181,27 @@ class QedImage:
         self._closed = False
         # Set once the file is found changed by someone else: nothing is written to it again.
         self._foreign = False
-        self._surveyed = False  # every L2 table the L1 names checked (see _survey_tables)
-        self._survey_running: trio.Event | None = None
         self._packed_header = (header, header.pack())
         self._sync_failed = False  # an fdatasync failed during the current flush
         self._refused_write = False  # a metadata pwrite was refused for lack of space
-        self._install_l1(l1, file_size)
-        if self._l1_bad and not read_only:
+        # What lies past the open-time end is ours: it never makes a hostile entry valid.
+        self._alloc = Allocator(geometry, file_size)
+        self._map = ClusterMap(
+            file,
+            geometry,
+            l1,
+            header.l1_table_offset,
+            self._alloc.end,
+            cache_size=options.cache_size,
+            read_only=read_only,
+            on_bad=self.enter_failsafe,
+        )
+        self._cache = self._map.cache
+        self._l1 = self._map.l1
+        if self._l1.bad and not read_only:
             # The file must not grow over what a bad entry points at, or a later open would
             # read guest data as a table: refuse writes until a repair (decision: failsafe).
-            self.enter_failsafe(f"{len(self._l1_bad)} invalid L1 entries")
+            self.enter_failsafe(f"{len(self._l1.bad)} invalid L1 entries")
 
     # ------------------------------------------------------------------ properties
 
@@ -283,201 +220,20 @@ class QedImage:
     @property
     def allocator_end(self) -> int:
         """File offset where the next cluster will be allocated."""
-        return self._alloc_end
+        return self._alloc.end
 
     @property
     def has_dirty_metadata(self) -> bool:
-        return self._l1_dirty_pages != set() or self._cache.n_dirty > 0
+        return self._l1.dirty_pages != set() or self._cache.n_dirty > 0
 
     @property
     def cache(self) -> L2Cache:
         return self._cache
 
-    # ------------------------------------------------------------------ L1 / metadata map
-
-    def _install_l1(self, l1: array[int], file_size: int) -> None:
-        """Adopt the L1 table read at open: validate entries, mark the metadata clusters.
-
-        Trust is fixed here, once: an entry read from disk is valid only if it points inside
-        the file as it was now (``_open_end``).  The file grows while the image is open, but
-        what grows it is ours, so an entry reaching past the open-time end was never written
-        by anyone who knew what lives there (issue 11, finding 1).
-        """
-        geo = self.geometry
-        self._l1 = l1
-        self._l1_disk = bytearray(fmt.encode_table(l1))  # what L1 on disk holds (see _verify_file)
-        self._l1_verify_cursor = 0
-        self._l1_used_pages = {i // PAGE_ENTRIES for i, offset in enumerate(l1) if offset}
-        self._l1_dirty_pages: set[int] = set()
-        self._l1_unknown_pages: set[int] = set()  # L1 pages whose pwrite failed midway
-        # L2 table offset -> its bad entries when first checked (None: too many, all bad).
-        # Tables we create, and tables checked once, are never checked again: their entries
-        # are already marked in the bitmap, so a second check would call them duplicates.
-        self._checked_l2: dict[int, frozenset[int] | None] = {}
-        # Host clusters two entries map: neither guest cluster may use them (the first
-        # mapping seen is not more trustworthy than the second).
-        self._contested: set[int] = set()
-        self._alloc_end = geo.round_down(file_size)
-        self._open_end = self._alloc_end
-        self._written_end = self._alloc_end  # end of what our completed pwrites made exist
-        self._used = ClusterBitmap(self._open_end >> geo.cluster_bits, geo.cluster_bits)
-        self._l1_bad: set[int] = validate_l1(
-            l1, geo, self.header.l1_table_offset, self._open_end, self._used
-        )
-        if self._l1_bad:
-            log.warning(
-                "%d invalid L1 entries; the guest ranges they map will fail with EIO",
-                len(self._l1_bad),
-            )
-
-    def _reinstall_l1(self, raw: bytes) -> None:
-        """Failsafe: show the L1 on disk, trusting only what open trusted and what we wrote.
-
-        An on-disk entry equal to the one we hold keeps its validity; an entry we never wrote
-        (changed by someone else, or a page torn by the failed write) is bad.  The open-time
-        end and the bitmap stay as they are, so nothing hostile becomes valid by the file
-        having grown meanwhile.
-        """
-        disk = fmt.decode_table(raw)
-        self._l1_bad = {
-            index
-            for index, offset in enumerate(disk)
-            if offset and (offset != self._l1[index] or index in self._l1_bad)
-        }
-        self._l1 = disk
-        self._l1_disk = bytearray(raw)
-        self._l1_used_pages = {i // PAGE_ENTRIES for i, offset in enumerate(disk) if offset}
-        self._l1_dirty_pages = set()
-        self._l1_unknown_pages = set()
-
-    def _validate_l2(self, entries: array[int], keep: int | None = None) -> set[int]:
-        """Indices of invalid data entries in an L2 table read from disk for the first time
-        (:func:`~qedfuse.l2cache.validate_l2`); too many contested clusters go failsafe."""
-        contested = self._contested
-        had_room = len(contested) < MAX_CONTESTED
-        bad = validate_l2(entries, self.geometry, self._open_end, self._used, contested, keep)
-        if had_room and len(contested) == MAX_CONTESTED and not self.read_only:
-            # Too many to remember: refuse every write instead (memory bound).
-            self.enter_failsafe(f"over {MAX_CONTESTED} clusters are mapped twice")
-        return bad
-
-    # ------------------------------------------------------------------ L2 access
-
-    async def _load_l2(self, offset: int) -> L2Table:
-        """Return the cached L2 table at ``offset``, reading it once if needed."""
-        while True:
-            table = self._cache.get(offset)
-            if table is not None:
-                return table
-            event = self._loading.get(offset)
-            if event is None:
-                break
-            await event.wait()
-        event = trio.Event()
-        self._loading[offset] = event
-        try:
-            entries = await read_table(self.file, offset, self.geometry)
-            # An evicted table is clean and every change to it since its check was ours: a
-            # table checked once keeps the verdict it had (its entries are in the bitmap).
-            if offset in self._checked_l2:
-                known = self._checked_l2[offset]
-                bad = set(range(len(entries))) if known is None else set(known)
-                bad = {i for i in bad if entries[i] > 1}
-            else:
-                bad = self._validate_l2(entries)
-                self._checked_l2[offset] = (
-                    frozenset(bad) if len(bad) <= MAX_REMEMBERED_BAD else None
-                )
-            if bad:
-                log.warning("L2 table at %#x has %d invalid entries", offset, len(bad))
-                if not self.read_only:
-                    self.enter_failsafe(f"L2 table at {offset:#x} has {len(bad)} invalid entries")
-            return self._cache.insert(L2Table(offset, entries, bad, is_new=False))
-        finally:
-            del self._loading[offset]
-            event.set()
-
-    async def _l2_for(self, pos: int) -> L2Table | None:
-        """The L2 table mapping ``pos``, or None when its L1 entry is empty."""
-        l1_index = self.geometry.l1_index(pos)
-        if l1_index in self._l1_bad:
-            raise CorruptionError(
-                f"invalid L1 entry {l1_index} ({self._l1[l1_index]:#x}) maps guest offset {pos}"
-            )
-        offset = self._l1[l1_index]
-        if offset == 0:
-            return None
-        return await self._load_l2(offset)
-
-    async def _lookup(self, pos: int, size: int) -> Extent:
-        """Map the longest run starting at ``pos`` (at most ``size`` bytes) with one kind."""
-        geo = self.geometry
-        in_cluster = geo.offset_in_cluster(pos)
-        table_end = (pos // geo.l2_coverage + 1) * geo.l2_coverage
-        size = min(size, table_end - pos)
-        table = await self._l2_for(pos)
-        if table is None:
-            return Extent(Kind.UNALLOCATED, pos, size)
-        entries = table.entries
-        first = geo.l2_index(pos)
-        last = geo.l2_index(pos + size - 1)
-        if first in table.bad:
-            raise CorruptionError(
-                f"invalid L2 entry {first} ({entries[first]:#x}) in table at "
-                f"{table.offset:#x} maps guest offset {pos}"
-            )
-        value = entries[first]
-        cs = geo.cluster_size
-        index = first + 1
-        if value > fmt.ZERO_CLUSTER:
-            contested = self._contested
-            if contested and value in contested:
-                raise CorruptionError(
-                    f"L2 entry {first} in table at {table.offset:#x} maps host cluster "
-                    f"{value:#x}, which another entry maps too (guest offset {pos})"
-                )
-            expect = value + cs
-            while (
-                index <= last
-                and entries[index] == expect
-                and index not in table.bad
-                and not (contested and expect in contested)
-            ):
-                index += 1
-                expect += cs
-        else:
-            while index <= last and entries[index] == value:
-                index += 1
-        length = min(size, (index - first) * cs - in_cluster)
-        if value == fmt.UNALLOCATED:
-            return Extent(Kind.UNALLOCATED, pos, length)
-        if value == fmt.ZERO_CLUSTER:
-            return Extent(Kind.ZERO, pos, length)
-        return Extent(Kind.DATA, pos, length, value + in_cluster)
-
     async def extents(self, pos: int = 0, size: int | None = None) -> list[Extent]:
         """The mapping of ``[pos, pos+size)`` as merged runs (for map, convert, commit)."""
         end = self.image_size if size is None else min(self.image_size, pos + size)
-        out: list[Extent] = []
-        while pos < end:
-            ext = await self._lookup(pos, end - pos)
-            prev = out[-1] if out else None
-            if (
-                prev is not None
-                and prev.kind is ext.kind
-                and (
-                    ext.kind is not Kind.DATA
-                    or (
-                        prev.host_offset is not None
-                        and prev.host_offset + prev.length == ext.host_offset
-                    )
-                )
-            ):
-                out[-1] = Extent(prev.kind, prev.pos, prev.length + ext.length, prev.host_offset)
-            else:
-                out.append(ext)
-            pos += ext.length
-        return out
+        return await self._map.extents(pos, end)
 
     # ------------------------------------------------------------------ reads
 
@@ -495,7 +251,7 @@ class QedImage:
             return b""
         parts: list[bytes] = []
         while size:
-            ext = await self._lookup(pos, size)
+            ext = await self._map.lookup(pos, size)
             if ext.kind is Kind.DATA:
                 assert ext.host_offset is not None
                 parts.append(await self.file.pread(ext.host_offset, ext.length))
@@ -531,62 +287,19 @@ class QedImage:
             )
         await self._write_unchecked(pos, data, detect_zeroes)
 
-    async def _survey_tables(self) -> None:
-        """Before the first write: check every L2 table the L1 names, once.
-
-        A host cluster mapped by two guest clusters is found when the second mapping is
-        checked; were that table loaded only after a write through the first, the write would
-        already have changed the other guest cluster's data.  Reads need no survey.
-        """
-        while not self._surveyed:
-            running = self._survey_running
-            if running is not None:
-                await running.wait()
-                continue
-            running = self._survey_running = trio.Event()
-            try:
-                for index, offset in list(enumerate(self._l1)):
-                    if offset and index not in self._l1_bad and offset not in self._checked_l2:
-                        await self._survey_table(offset)
-                self._surveyed = True
-            finally:
-                self._survey_running = None
-                running.set()
-
-    async def _survey_table(self, offset: int) -> None:
-        """Check one table for the survey without caching it: its verdict is recorded (and
-        its clusters marked) as a load would; a guest access later loads it and acts on it."""
-        event = self._loading.get(offset)
-        if event is not None:  # a load is checking it right now
-            await event.wait()
-            return
-        event = self._loading[offset] = trio.Event()
-        try:
-            raw = await read_table_bytes(self.file, offset, self.geometry)
-            if offset not in self._checked_l2:
-                entries = fmt.decode_table(raw)
-                del raw
-                bad = self._validate_l2(entries, keep=MAX_REMEMBERED_BAD + 1)
-                self._checked_l2[offset] = (
-                    frozenset(bad) if len(bad) <= MAX_REMEMBERED_BAD else None
-                )
-        finally:
-            del self._loading[offset]
-            event.set()
-
     async def _write_unchecked(self, pos: int, data: Buffer, detect_zeroes: bool | None) -> None:
         detect = self.options.detect_zeroes if detect_zeroes is None else detect_zeroes
         view = memoryview(data).cast("B")
-        if not self._surveyed:
-            await self._survey_tables()
-        if await self.file.size() < self._written_end:
+        if not self._map.surveyed:
+            await self._map.survey()
+        if await self.file.size() < self._alloc.written_end:
             # Cut by someone else: a write could re-extend it and hide the loss (finding 7).
             self._foreign = True
             self.enter_failsafe("the image file was changed by someone else: it shrank")
             raise FailsafeError(f"image is in failsafe mode: {self.failsafe_reason}")
         self._last_write_time = trio.current_time()
         while view:
-            ext = await self._lookup(pos, len(view))
+            ext = await self._map.lookup(pos, len(view))
             if ext.kind is Kind.DATA:
                 assert ext.host_offset is not None
                 await self._write_data(ext.host_offset, view[: ext.length])
@@ -616,7 +329,7 @@ class QedImage:
         """Write the run at ``pos`` that needs allocation; return bytes consumed."""
         async with self._alloc_lock:
             self._check_writable()
-            ext = await self._lookup(pos, len(view))
+            ext = await self._map.lookup(pos, len(view))
             if ext.kind is Kind.DATA:  # allocated while we waited for the lock
                 assert ext.host_offset is not None
                 await self._write_data(ext.host_offset, view[: ext.length])
@@ -663,15 +376,15 @@ class QedImage:
                 buf[hi - run_start :] = await self._fill(hi, run_end - hi, old_kind)
         # Before the file grows: a clear NEED_CHECK on disk then also means "no leaks".
         await self._mark_need_check()
-        host = self._allocate(n_clusters)
+        host = self._alloc.allocate(n_clusters)
         try:
             await self._write_data(host, buf)
-            self._written_end = max(self._written_end, host + n_clusters * cs)
+            self._alloc.wrote(host + n_clusters * cs)
             await self._set_entries(run_start, n_clusters, host)
         except BaseException:
             # Nothing points at these clusters yet (_set_entries changes state only once it
             # cannot fail): give them back, so a refused write (ENOSPC) leaves no trace.
-            await self._release_tail(host)
+            await self._alloc.release_tail(self.file, host)
             raise
         self.stats.allocated_clusters += n_clusters
 
@@ -707,23 +420,6 @@ class QedImage:
         self.header = header
         await self._datasync()
 
-    def _allocate(self, n_clusters: int) -> int:
-        offset = self._alloc_end
-        self._alloc_end += n_clusters * self.geometry.cluster_size
-        return offset
-
-    async def _release_tail(self, offset: int) -> None:
-        """Undo the allocations from ``offset`` on (caller holds the allocation lock, and
-        nothing references them); cut what a failed write left there, so no leak remains."""
-        self._alloc_end = offset
-        self._written_end = min(self._written_end, offset)
-        with trio.CancelScope(shield=True):
-            try:
-                if await self.file.size() > offset:
-                    await self.file.ftruncate(offset)
-            except OSError as exc:  # harmless: the next allocation overwrites the tail
-                log.debug("could not cut the tail of a failed allocation: %s", exc)
-
     async def _set_entries(self, run_start: int, n_clusters: int, host: int | None) -> None:
         """Point guest clusters at ``host, host+cs, …`` (or zero clusters when ``host`` is None).
 
@@ -732,25 +428,22 @@ class QedImage:
         await self._mark_need_check()
         geo = self.geometry
         l1_index = geo.l1_index(run_start)
-        table = await self._l2_for(run_start)
+        table = await self._map.l2_for(run_start)
         if table is None:
             # The table's space is taken now, by writing its (empty) bytes: the flush then
             # only overwrites, so it never needs new space, and a full disk refuses this
             # write (ENOSPC) instead of a later flush losing the cached state.
-            offset = self._allocate(geo.table_size)
+            offset = self._alloc.allocate(geo.table_size)
             try:
                 await self.file.pwrite(offset, bytes(geo.table_bytes))
             except BaseException:
-                await self._release_tail(offset)
+                await self._alloc.release_tail(self.file, offset)
                 raise
-            self._written_end = max(self._written_end, offset + geo.table_bytes)
+            self._alloc.wrote(offset + geo.table_bytes)
             with trio.testing.assert_no_checkpoints():
                 # Its zeros are on the file: the flush writes only the pages that change.
                 table = L2Table(offset, array("Q", bytes(geo.table_bytes)), set(), is_new=False)
-                self._checked_l2[offset] = frozenset()
-                self._cache.insert(table)
-                self._l1[l1_index] = offset
-                self._l1_dirty_pages.add(l1_index // PAGE_ENTRIES)
+                self._map.add_table(l1_index, table)
                 self.stats.new_l2_tables += 1
         # No checkpoint from here on: the table object is the cached one until we return.
         with trio.testing.assert_no_checkpoints():
@@ -791,7 +484,7 @@ class QedImage:
             # Once started, a flush runs to completion even if its caller is cancelled.
             with trio.CancelScope(shield=True):
                 # Under the lock these are exactly what _flush_locked writes.
-                n_tables, n_pages = self._cache.n_dirty, len(self._l1_dirty_pages)
+                n_tables, n_pages = self._cache.n_dirty, len(self._l1.dirty_pages)
                 started = time.monotonic()
                 self._sync_failed = self._refused_write = False
                 try:
@@ -830,47 +523,19 @@ class QedImage:
             self._packed_header = (self.header, self.header.pack())
         return self._packed_header[1]
 
-    def _l1_pages_to_verify(self) -> list[int]:
-        """The L1 pages one check compares: those that map something (a zeroed or changed
-        page there loses data), at most :data:`MAX_VERIFY_PAGES` per check, in turns."""
-        used = sorted(self._l1_used_pages - self._l1_unknown_pages)
-        if len(used) <= MAX_VERIFY_PAGES:
-            return used
-        start = self._l1_verify_cursor % len(used)
-        self._l1_verify_cursor = start + MAX_VERIFY_PAGES
-        return sorted((used + used)[start : start + MAX_VERIFY_PAGES])
-
-    async def _l1_changed(self) -> bool:
-        l1 = self.header.l1_table_offset
-        for page in self._l1_pages_to_verify():
-            k = page * PAGE_SIZE
-            expect = self._l1_disk[k : k + PAGE_SIZE]
-            if await self.file.pread(l1 + k, len(expect)) != expect:
-                return True
-        return False
-
     async def _verify_file(self, when: str, *, full: bool = True) -> None:
-        """Fail (EIO, failsafe) if the file is no longer what this engine wrote (finding 7).
-
-        Cheap checks: the size (fstat) and the header struct (one pread); ``full`` adds the
-        L1 pages that map something (compared with what we wrote) and whether the file is
-        still reachable by its name.
-        """
+        """Fail (EIO, failsafe) if the file is no longer what this engine wrote
+        (:func:`~qedfuse.foreign.foreign_change`; ``full`` adds the L1 pages and the name)."""
         if self._foreign:
             raise FailsafeError(f"image is in failsafe mode: {self.failsafe_reason}")
-        problem = None
-        size = await self.file.size()
-        if size < self._written_end:
-            problem = f"the file shrank to {size} bytes (it held {self._written_end})"
-        elif await self.file.pread(0, fmt.HEADER_STRUCT_SIZE) != self._header_bytes():
-            problem = "its header was overwritten"
-        elif full:
-            if await self._l1_changed():
-                problem = "its L1 table was overwritten"
-            else:
-                still_named = getattr(self.file, "still_named", None)
-                if still_named is not None and not await still_named():
-                    problem = "it was deleted, renamed away or replaced"
+        problem = await foreign_change(
+            self.file,
+            written_end=self._alloc.written_end,
+            header=self._header_bytes(),
+            l1=self._l1,
+            l1_offset=self.header.l1_table_offset,
+            full=full,
+        )
         if problem is None:
             return
         self._foreign = True
@@ -880,7 +545,7 @@ class QedImage:
 
     async def _flush_locked(self) -> None:
         dirty_tables = self._cache.dirty_tables()
-        dirty_l1 = sorted(self._l1_dirty_pages)
+        dirty_l1 = sorted(self._l1.dirty_pages)
         if self._data_gen != self._synced_gen or dirty_tables or dirty_l1:
             gen = self._data_gen
             await self._datasync()
@@ -895,11 +560,9 @@ class QedImage:
                 table.is_new = False
                 table.dirty_pages.clear()
         if dirty_l1:
-            await self._write_table(
-                self.header.l1_table_offset, self._l1, set(dirty_l1), self._l1_disk
-            )
+            await self._write_l1(set(dirty_l1))
             await self._datasync()
-            self._l1_dirty_pages.clear()
+            self._l1.dirty_pages.clear()
         if self._need_check_on_disk and not self._unchecked:
             await self._write_header(
                 self.header.replace(features=self.header.features & ~fmt.Feature.NEED_CHECK)
@@ -928,31 +591,21 @@ class QedImage:
                 self._refused_write = True
             raise
 
-    async def _write_table(
-        self,
-        offset: int,
-        entries: array[int],
-        pages: set[int] | None,
-        disk_copy: bytearray | None = None,
-    ) -> None:
-        """Write a whole table, or only its dirty pages (merged into runs).
-
-        ``disk_copy`` (L1 only) follows what the file holds: written runs are copied in, and a
-        run whose write failed is unknown until written again.
-        """
+    async def _write_table(self, offset: int, entries: array[int], pages: set[int] | None) -> None:
+        """Write a whole L2 table, or only its dirty pages (merged into runs)."""
         if pages is None:
             await self._meta_pwrite(offset, fmt.encode_table(entries))
             return
         for start, stop in page_runs(pages, len(entries)):
-            data = fmt.encode_table(entries, start, stop)
-            run = range(start // PAGE_ENTRIES, -(-stop // PAGE_ENTRIES))
-            if disk_copy is not None:
-                self._l1_unknown_pages.update(run)
-            await self._meta_pwrite(offset + start * 8, data)
-            if disk_copy is not None:
-                disk_copy[start * 8 : stop * 8] = data
-                self._l1_used_pages.update(run)
-                self._l1_unknown_pages.difference_update(run)
+            await self._meta_pwrite(offset + start * 8, fmt.encode_table(entries, start, stop))
+
+    async def _write_l1(self, pages: set[int]) -> None:
+        """Write L1's dirty ``pages``; a run whose write failed is unknown until written again."""
+        l1 = self._l1
+        for run in l1.page_writes(pages):
+            l1.writing(run)
+            await self._meta_pwrite(self.header.l1_table_offset + run.start * 8, run.data)
+            l1.written(run)
 
     async def _enter_failsafe(self, reason: str) -> None:
         """Stop writing; drop cached metadata and show what is on disk."""
@@ -962,10 +615,10 @@ class QedImage:
         self._cache.clear()
         try:
             raw = await read_table_bytes(self.file, self.header.l1_table_offset, self.geometry)
-            self._reinstall_l1(raw)
+            self._l1.reinstall(raw)
         except OSError as exc:
             log.error("could not re-read L1 after failure: %s; every range now fails", exc)
-            self._l1_bad = set(range(len(self._l1)))
+            self._l1.all_bad()
 
     def enter_failsafe(self, reason: str) -> None:
         """Refuse further writes (used by the FUSE layer on unexpected errors)."""
@@ -1023,7 +676,7 @@ class QedImage:
             pos = tail_end
             async with self._alloc_lock:
                 while pos < hide_end:
-                    ext = await self._lookup(pos, hide_end - pos)
+                    ext = await self._map.lookup(pos, hide_end - pos)
                     n = geo.clusters_for(ext.length)
                     if ext.kind is Kind.UNALLOCATED:
                         await self._set_entries(pos, n, None)
@@ -1053,7 +706,7 @@ class QedImage:
                 await self._leave_need_check_set()
         finally:
             self._closed = True
-            self._used.close()
+            self._map.close()
             try:
                 await self.file.aclose()
             finally:
@@ -1080,26 +733,20 @@ class QedImage:
 
     async def allocated_bytes(self) -> int:
         """Bytes of guest data allocated in this image (data clusters only)."""
-        total = 0
-        for index, offset in enumerate(self._l1):
-            if offset == 0 or index in self._l1_bad:
-                continue
-            table = await self._load_l2(offset)
-            total += sum(1 for e in table.entries if e > 1)
-        return total * self.geometry.cluster_size
+        return await self._map.allocated_clusters() * self.geometry.cluster_size
 
     def statistics(self) -> EngineStatistics:
         """The engine's figures now: no I/O, a few attribute reads and one pass over L1."""
         geo = self.geometry
         stats = self.stats
-        n_l2 = sum(1 for offset in self._l1 if offset)
+        n_l2 = self._l1.n_tables()
         meta = geo.header_end_offset + geo.table_bytes * (1 + n_l2)
         return EngineStatistics(
             image_size_bytes=self.image_size,
             cluster_size_bytes=geo.cluster_size,
             read_only=self.read_only,
-            allocator_end_bytes=self._alloc_end,
-            data_clusters=max(0, self._alloc_end - meta) // geo.cluster_size,
+            allocator_end_bytes=self._alloc.end,
+            data_clusters=max(0, self._alloc.end - meta) // geo.cluster_size,
             l2_tables=n_l2,
             clusters_allocated=stats.allocated_clusters,
             new_l2_tables=stats.new_l2_tables,
@@ -1112,7 +759,7 @@ class QedImage:
             l2_tables_flushed=stats.l2_tables_flushed,
             l1_pages_flushed=stats.l1_pages_flushed,
             dirty_l2_tables=self._cache.n_dirty,
-            dirty_l1_pages=len(self._l1_dirty_pages),
+            dirty_l1_pages=len(self._l1.dirty_pages),
             need_check_on_disk=self._need_check_on_disk,
             need_check_sets=stats.need_check_sets,
             failsafe_reason=self.failsafe_reason,

@@ -1,7 +1,8 @@
 """The engine's in-memory tables: cached L2 tables, their LRU cache, and trust in what is read.
 
-No I/O here: :class:`~qedfuse.engine.QedImage` reads and writes the tables (through
-:mod:`qedfuse.tables`) and keeps them in these structures.
+No I/O here: :class:`~qedfuse.clustermap.ClusterMap` reads the tables (through
+:mod:`qedfuse.tables`) and keeps them in these structures, :class:`~qedfuse.engine.QedImage`
+writes them back.
 
 * :class:`L2Table` is one cached table with its bad entries and dirty 4 KiB pages;
   :class:`L2Cache` a bounded LRU of them in which dirty tables are pinned;

@@ -661,7 +661,7 @@ async def exercise(
     else:
         outcome.rw = "served"
         repaired = fmt.Header.unpack(before_header).need_check
-        bad_l1 = set(img._l1_bad)
+        bad_l1 = set(img._l1.bad)
         header_rest = rw_file._read_sync(64, max(0, img.geometry.header_end_offset - 64))
         for index, (kind, pos, size) in enumerate(
             _random_ops(rng, img.image_size, bad_ranges, n_ops)

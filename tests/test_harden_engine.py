@@ -98,7 +98,7 @@ async def served_hosts(img: QedImage, positions: list[int]) -> dict[int, int]:
     out: dict[int, int] = {}
     for pos in positions:
         try:
-            ext = await img._lookup(pos, img.cluster_size)
+            ext = await img._map.lookup(pos, img.cluster_size)
         except CorruptionError:
             continue
         if ext.kind is Kind.DATA:

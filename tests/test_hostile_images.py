@@ -22,7 +22,7 @@ import hostile_corpus as hc
 import pytest
 import trio
 
-from qedfuse import backing, engine, opening
+from qedfuse import backing, clustermap, engine, opening
 from qedfuse import format as fmt
 from qedfuse.check import check_image
 from qedfuse.errors import BackingFileError, CorruptionError, FailsafeError
@@ -218,7 +218,9 @@ async def test_harness_detects_an_engine_that_writes_through_bad_entries(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Self-test: with L2 validation switched off, the corpus must report problems."""
-    monkeypatch.setattr(engine.QedImage, "_validate_l2", lambda self, entries, keep=None: set())
+    monkeypatch.setattr(
+        clustermap.ClusterMap, "_validate_l2", lambda self, entries, keep=None: set()
+    )
     items = [i for i in hc.corpus() if i.name.startswith("l2-entry-to-") and "+" not in i.name]
     summary = await hc.run_corpus(items)
     problems = summary["problems"]

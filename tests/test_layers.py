@@ -384,7 +384,8 @@ LAYERS: dict[str, int] = {
     # 2: the table layout under both engine and check
     "tables": 2,
     # 3: the engine's parts, and check/repair
-    **dict.fromkeys(["l2cache", "writeplan", "check"], 3),
+    **dict.fromkeys(["l2cache", "l1table", "clustermap", "writeplan", "allocator"], 3),
+    **dict.fromkeys(["foreign", "enginestats", "check", "checkreport"], 3),
     # 4: the engine, and the backing chain's policy
     **dict.fromkeys(["engine", "backing"], 4),
     # 5: the composition root
