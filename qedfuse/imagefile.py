@@ -270,9 +270,17 @@ class FileImage:
     """A :class:`BlockFile` on a real file descriptor (which it owns)."""
 
     def __init__(
-        self, fd: int, *, read_only: bool, threaded_io: bool = False, path: str | None = None
+        self,
+        fd: int,
+        *,
+        read_only: bool,
+        threaded_io: bool = False,
+        path: str | None = None,
+        unnamed: bool = False,
     ) -> None:
         self.fd = fd
+        #: Created without a name (``O_TMPFILE``, linked when done): no name is no change.
+        self.unnamed = unnamed
         #: A block device has no file size to grow or truncate; its size is its capacity.
         self.is_block_device = is_block_device(fd)
         self.path = None if path is None else os.path.abspath(path)
@@ -504,10 +512,11 @@ class FileImage:
 
     async def still_named(self) -> bool:
         """Whether the file is still reachable by the path it was opened with (not deleted,
-        renamed away or replaced); without a known path, whether it still has a name."""
+        renamed away or replaced); without a known path, whether it still has a name (an
+        ``unnamed`` file is expected to have none)."""
         st = os.fstat(self.fd)
         if st.st_nlink == 0:
-            return False
+            return self.unnamed
         if self.path is None:
             return True
         try:

@@ -73,9 +73,10 @@ def open_output(path: str) -> OutputFile:
     return FileImage.open(path, read_only=False)
 
 
-def adopt_fd(fd: int, *, path: str | None = None) -> OutputFile:
-    """Wrap, read-write, an fd the caller created itself (the result owns it)."""
-    return FileImage(fd, read_only=False, path=path)
+def adopt_fd(fd: int, *, path: str | None = None, unnamed: bool = False) -> OutputFile:
+    """Wrap, read-write, an fd the caller created itself (the result owns it); ``unnamed``:
+    an ``O_TMPFILE`` file, which has no name until the caller links it."""
+    return FileImage(fd, read_only=False, path=path, unnamed=unnamed)
 
 
 def file_identity(file: BlockFile) -> tuple[int, int] | None:

@@ -681,11 +681,18 @@ def _writing_replacement(pid: int, directory: Path) -> bool:
 
 
 @pytest.mark.parametrize(
-    ("target", "sig"),
-    [("file", signal.SIGINT), ("symlink", signal.SIGINT), ("file", signal.SIGKILL)],
-    ids=["file-ctrl-c", "symlink-ctrl-c", "file-kill-9"],
+    ("target", "sig", "out_format"),
+    [
+        ("file", signal.SIGINT, "raw"),
+        ("symlink", signal.SIGINT, "raw"),
+        ("file", signal.SIGKILL, "raw"),
+        ("file", signal.SIGKILL, "qed"),
+    ],
+    ids=["file-ctrl-c", "symlink-ctrl-c", "file-kill-9", "qed-kill-9"],
 )
-def test_convert_force_replaces_by_rename(tmp_path: Path, target: str, sig: int) -> None:
+def test_convert_force_replaces_by_rename(
+    tmp_path: Path, target: str, sig: int, out_format: str
+) -> None:
     """--force writes beside the target and renames: the mode is kept, a symlink stays a
     symlink, no temporary file is left; an interrupted run, even by SIGKILL, leaves the old
     file untouched and no temporary file behind."""
@@ -703,7 +710,7 @@ def test_convert_force_replaces_by_rename(tmp_path: Path, target: str, sig: int)
         return set(os.listdir(tmp_path)) - before
 
     cp = _interrupt_when(
-        [QEDFUSE, "convert", "--force", "-O", "raw", os.fspath(src), os.fspath(dst)],
+        [QEDFUSE, "convert", "--force", "-O", out_format, os.fspath(src), os.fspath(dst)],
         lambda pid: _writing_replacement(pid, tmp_path),
         sig,
     )
@@ -716,6 +723,12 @@ def test_convert_force_replaces_by_rename(tmp_path: Path, target: str, sig: int)
     check_ok(run([require_tool("qemu-io"), "-f", "qed", "-c", "write -P 5 0 4k", small]))
     check_ok(in_process(["convert", "--force", "-O", "raw", os.fspath(small), os.fspath(dst)])[0])
     assert old.read_bytes() == b"\x05" * 4096 + bytes(MiB - 4096)
+    copy = tmp_path / "copy.qed"
+    check_ok(in_process(["convert", "--force", "-O", "qed", os.fspath(small), os.fspath(dst)])[0])
+    check_ok(in_process(["convert", "-O", "qed", os.fspath(dst), os.fspath(copy)])[0])
+    check_ok(run([require_tool("qemu-img"), "check", dst]))
+    check_ok(run([require_tool("qemu-img"), "compare", "-f", "qed", "-F", "qed", small, dst]))
+    copy.unlink()
     assert stat.S_IMODE(old.stat().st_mode) == 0o640
     assert dst.is_symlink() == (target == "symlink")
     assert leftovers() == {"small.qed"}

@@ -143,6 +143,7 @@ async def convert(
         temp_path: str | None = None
         temp_fd = -1
         temp_named = False
+        link_fd = -1  # an unnamed temporary file, held open for linking (the engine closes its own)
         renamed = device = in_place = False
         out: OutputFile | None = None
         try:
@@ -180,7 +181,10 @@ async def convert(
                             f"{dst}: holds {st.st_size} bytes but the image needs {size}, and "
                             "it cannot be replaced (its directory takes no new files)"
                         ) from exc
-            out = adopt_fd(fd if temp_path is None else temp_fd)
+            unnamed = temp_path is not None and not temp_named
+            if unnamed:
+                link_fd = os.dup(temp_fd)
+            out = adopt_fd(fd if temp_path is None else temp_fd, unnamed=unnamed)
             if in_place:
                 written = await _convert_to_device(source, out, progress)
             elif dst_format == "raw":
@@ -191,7 +195,7 @@ async def convert(
                 )
             if temp_path is not None:
                 await durable_replace(
-                    temp_path, final, unnamed_fd=None if temp_named else out.fileno()
+                    temp_path, final, unnamed_fd=link_fd if link_fd >= 0 else None
                 )
                 renamed = True
         except BaseException as exc:
@@ -206,6 +210,8 @@ async def convert(
                 ) from exc
             raise
         finally:
+            if link_fd >= 0:
+                os.close(link_fd)
             if out is not None:
                 await out.aclose()
             elif temp_fd >= 0:
