@@ -2,7 +2,7 @@
 
 ``python -m qedfuse.docgen man`` prints the man page (roff), ``python -m qedfuse.docgen bash``
 the bash completion script; ``make install`` installs both.  Both read
-:func:`qedfuse.cli.build_parser` (with the ``mount``/``umount`` arguments, so pyfuse3 must be
+:func:`qedfuse.cliparser.build_parser` (with the ``mount``/``umount`` arguments, so pyfuse3 must be
 importable) and the ``-o`` table :data:`qedfuse.options.OPTION_HELP`.
 """
 
@@ -13,12 +13,12 @@ import shlex
 import sys
 from collections.abc import Iterator, Sequence
 
-from qedfuse import __version__, cli
+from qedfuse import __version__, cliparser
 from qedfuse.options import OPTION_HELP
 
 
 def _parser() -> argparse.ArgumentParser:
-    return cli.build_parser(with_mount=True)
+    return cliparser.build_parser(with_mount=True)
 
 
 def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -128,7 +128,7 @@ def manpage() -> str:
     ]
     for spelling, text in OPTION_HELP:
         lines += [".TP", f".B {_roff(spelling)}", _roff(text)]
-    lines += [".SH EXIT STATUS", ".nf", _roff(cli.EXIT_STATUS_TEXT), ".fi"]
+    lines += [".SH EXIT STATUS", ".nf", _roff(cliparser.EXIT_STATUS_TEXT), ".fi"]
     lines += [
         ".SH FILES",
         ".TP",

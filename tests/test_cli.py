@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import qededit
 
-from qedfuse import __version__, cli, logsetup
+from qedfuse import __version__, cli, cliparser, logsetup
 from qedfuse.locking import LockMode, lock_image
 from support import check_ok, describe, run
 
@@ -108,13 +108,13 @@ def qio(qemu_io_path: str, image: Path, *cmds: str, fmt: str = "qed") -> None:
 
 def test_help_lists_every_command() -> None:
     cp = check_ok(qf("--help"))
-    for command in cli.COMMANDS:
+    for command in cliparser.COMMANDS:
         assert command in cp.stdout
     assert "IMAGE MOUNTPOINT" in cp.stdout  # the mount(8) form is documented
     assert cp.stderr == ""
 
 
-@pytest.mark.parametrize("command", cli.COMMANDS)
+@pytest.mark.parametrize("command", cliparser.COMMANDS)
 def test_every_command_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main([command, "--help"]) == 0
     out = capsys.readouterr().out

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from fusehelpers import QEDFUSE, mounted, need_check, qedfuse
 
-from qedfuse import cli
+from qedfuse import cli, cliparser
 from qedfuse.errors import UsageError
 from support import check_ok, qemu_img_create, require_tool, run
 
@@ -204,7 +204,7 @@ def test_unknown_word_without_suggestion_lists_the_commands() -> None:
     assert _one_line(qedfuse("chek", "x.qed"), 2).endswith("(did you mean 'check'?)")
     line = _one_line(qedfuse("frobnicate", "x.qed"), 2)
     assert "unknown command 'frobnicate'" in line
-    for command in cli.COMMANDS:
+    for command in cliparser.COMMANDS:
         assert command in line
 
 
@@ -226,7 +226,7 @@ def test_mount_form_is_taken_when_it_can_be_that_form(
     names = {"image": str(tmp_path / "a.qed"), "mnt": str(tmp_path / "m"), "bare": "chek"}
     monkeypatch.chdir(tmp_path)
     words = [w.format(**names) for w in argv]
-    assert cli.mount_form(words) == ["mount", *words]
+    assert cliparser.mount_form(words) == ["mount", *words]
 
 
 @pytest.mark.parametrize(
@@ -238,7 +238,7 @@ def test_not_the_mount_form(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UsageError, match="unknown command"):
-        cli.mount_form(argv)
+        cliparser.mount_form(argv)
 
 
 @pytest.mark.parametrize(
@@ -339,7 +339,7 @@ def test_closed_pipe_exits_quietly(tmp_path: Path) -> None:
         err = proc.stderr.read().decode()
         rc = proc.wait(timeout=60)
         assert err == "", err
-        assert rc in (0, cli.EXIT_BROKEN_PIPE), rc
+        assert rc in (0, cliparser.EXIT_BROKEN_PIPE), rc
     cp = run(["sh", "-c", f"'{QEDFUSE}' map '{image}' | head -1"])
     assert cp.stderr == ""
     assert cp.stdout.startswith("Offset")
@@ -378,7 +378,7 @@ def test_ctrl_c_at_any_moment_prints_one_line(tmp_path: Path, command: str) -> N
     # At least 8 runs; more (up to 30) until one was interrupted inside qedfuse: a short
     # check on a fast machine may finish before most signals land.
     for attempt in range(30):
-        if attempt >= 8 and cli.EXIT_INTERRUPTED in outcomes:
+        if attempt >= 8 and cliparser.EXIT_INTERRUPTED in outcomes:
             break
         if command == "convert":
             dst = tmp_path / f"out{attempt}.qed"
@@ -402,11 +402,11 @@ def test_ctrl_c_at_any_moment_prints_one_line(tmp_path: Path, command: str) -> N
         _, err = proc.communicate(timeout=60)
         outcomes.add(proc.returncode)
         assert "Traceback" not in err, err
-        if proc.returncode == cli.EXIT_INTERRUPTED:
+        if proc.returncode == cliparser.EXIT_INTERRUPTED:
             assert err.splitlines()[-1] == "qedfuse: interrupted", err
             assert err.count("qedfuse:") == 1, err
         elif proc.returncode == -signal.SIGINT:  # during the interpreter's exit: silent
             assert "qedfuse:" not in err, err
         else:
             assert proc.returncode == 0, err
-    assert cli.EXIT_INTERRUPTED in outcomes
+    assert cliparser.EXIT_INTERRUPTED in outcomes

@@ -400,7 +400,7 @@ LAYERS: dict[str, int] = {
     "serve": 11,
     "mount": 12,
     # 13-14: the command line, and what is generated from it
-    "cli": 13,
+    **dict.fromkeys(["cli", "cliparser"], 13),
     **dict.fromkeys(["docgen", "__main__"], 14),
 }
 

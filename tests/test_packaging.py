@@ -16,16 +16,16 @@ from pathlib import Path
 import pytest
 from fusehelpers import mount_entry
 
-from qedfuse import __version__, cli, docgen, options
+from qedfuse import __version__, cliparser, docgen, options
 from support import check_ok, require_fuse, require_tool, run
 
 ROOT = Path(__file__).resolve().parent.parent
-PARSER = cli.build_parser(with_mount=True)
+PARSER = cliparser.build_parser(with_mount=True)
 SUBCOMMANDS = docgen.subcommands(PARSER)
 
 
 def test_parser_has_the_commands() -> None:
-    assert list(SUBCOMMANDS) == list(cli.COMMANDS)
+    assert list(SUBCOMMANDS) == list(cliparser.COMMANDS)
 
 
 # ---------------------------------------------------------------------- man page
@@ -121,7 +121,7 @@ def test_completion_lists_every_command(completion: Path) -> None:
     assert set(_complete(completion, "-")) >= set(docgen.option_strings(PARSER))
 
 
-@pytest.mark.parametrize("name", list(cli.COMMANDS))
+@pytest.mark.parametrize("name", list(cliparser.COMMANDS))
 def test_completion_lists_every_option_of_a_command(completion: Path, name: str) -> None:
     offered = set(_complete(completion, name, "-"))
     assert offered == set(docgen.option_strings(SUBCOMMANDS[name]))
