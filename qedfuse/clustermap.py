@@ -23,7 +23,15 @@ import trio
 from qedfuse import format as fmt
 from qedfuse.errors import CorruptionError
 from qedfuse.l1table import L1Table
-from qedfuse.l2cache import MAX_CONTESTED, ClusterBitmap, L2Cache, L2Table, validate_l2
+from qedfuse.l2cache import (
+    MAX_CONTESTED,
+    BadSet,
+    ClusterBitmap,
+    L2Cache,
+    L2Table,
+    bad_of,
+    validate_l2,
+)
 from qedfuse.tables import read_table, read_table_bytes
 
 if TYPE_CHECKING:
@@ -95,12 +103,12 @@ class ClusterMap:
 
     # ------------------------------------------------------------------ trust
 
-    def _validate_l2(self, entries: array[int], keep: int | None = None) -> set[int]:
+    def _validate_l2(self, entries: array[int]) -> BadSet:
         """Indices of invalid data entries in an L2 table read from disk for the first time
         (:func:`~qedfuse.l2cache.validate_l2`); too many contested clusters stop writes."""
         contested = self._contested
         had_room = len(contested) < MAX_CONTESTED
-        bad = validate_l2(entries, self.geometry, self.open_end, self._used, contested, keep)
+        bad = validate_l2(entries, self.geometry, self.open_end, self._used, contested)
         if had_room and len(contested) == MAX_CONTESTED and not self.read_only:
             # Too many to remember: refuse every write instead (memory bound).
             self._on_bad(f"over {MAX_CONTESTED} clusters are mapped twice")
@@ -130,23 +138,27 @@ class ClusterMap:
             entries = await read_table(self.file, offset, self.geometry)
             # An evicted table is clean and every change to it since its check was ours: a
             # table checked once keeps the verdict it had (its entries are in the bitmap).
+            bad: BadSet
             if offset in self._checked_l2:
-                known = self._checked_l2[offset]
-                bad = set(range(len(entries))) if known is None else set(known)
-                bad = {i for i in bad if entries[i] > 1}
+                bad = bad_of(entries, self._checked_l2[offset])
             else:
                 bad = self._validate_l2(entries)
-                self._checked_l2[offset] = (
-                    frozenset(bad) if len(bad) <= MAX_REMEMBERED_BAD else None
-                )
+                self._remember(offset, bad)
             if bad:
-                log.warning("L2 table at %#x has %d invalid entries", offset, len(bad))
-                if not self.read_only:
-                    self._on_bad(f"L2 table at {offset:#x} has {len(bad)} invalid entries")
+                self._report_bad(offset, bad)
             return self.cache.insert(L2Table(offset, entries, bad, is_new=False))
         finally:
             del self._loading[offset]
             event.set()
+
+    def _remember(self, offset: int, bad: BadSet) -> None:
+        """Record a checked table's verdict: its few bad entries, or None for many."""
+        self._checked_l2[offset] = frozenset(bad) if len(bad) <= MAX_REMEMBERED_BAD else None
+
+    def _report_bad(self, offset: int, bad: BadSet) -> None:
+        log.warning("L2 table at %#x has %d invalid entries", offset, len(bad))
+        if not self.read_only:
+            self._on_bad(f"L2 table at {offset:#x} has {len(bad)} invalid entries")
 
     async def l2_for(self, pos: int) -> L2Table | None:
         """The L2 table mapping ``pos``, or None when its L1 entry is empty."""
@@ -178,6 +190,9 @@ class ClusterMap:
                 for index, offset in list(enumerate(self.l1.entries)):
                     if offset and index not in self.l1.bad and offset not in self._checked_l2:
                         await self._survey_table(offset)
+                        # a long survey (a hostile L1 names many tables) never stops the
+                        # other requests: reads go on meanwhile
+                        await trio.lowlevel.checkpoint()
                 self.surveyed = True
             finally:
                 self._survey_running = None
@@ -196,10 +211,12 @@ class ClusterMap:
             if offset not in self._checked_l2:
                 entries = fmt.decode_table(raw)
                 del raw
-                bad = self._validate_l2(entries, keep=MAX_REMEMBERED_BAD + 1)
-                self._checked_l2[offset] = (
-                    frozenset(bad) if len(bad) <= MAX_REMEMBERED_BAD else None
-                )
+                bad = self._validate_l2(entries)
+                self._remember(offset, bad)
+                if bad:
+                    # What the survey finds stops writes as a load would (the guest range
+                    # may never be touched, but the image is corrupt: NEED_CHECK stays set).
+                    self._report_bad(offset, bad)
         finally:
             del self._loading[offset]
             event.set()

@@ -71,6 +71,7 @@ it fails with EIO and nothing more is written to the file.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import time
@@ -292,6 +293,12 @@ class QedImage:
         view = memoryview(data).cast("B")
         if not self._map.surveyed:
             await self._map.survey()
+            if self.failsafe_reason is not None:
+                # The survey found corruption: the next read-write open must repair it.
+                async with self._alloc_lock:
+                    with contextlib.suppress(OSError):
+                        await self._mark_need_check()
+                raise FailsafeError(f"image is in failsafe mode: {self.failsafe_reason}")
         if await self.file.size() < self._alloc.written_end:
             # Cut by someone else: a write could re-extend it and hide the loss (finding 7).
             self._foreign = True

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, NamedTuple
 
 from qedfuse import format as fmt
-from qedfuse.l2cache import validate_l1
+from qedfuse.l2cache import BadSet, IndexSet, compact, validate_l1
 from qedfuse.tables import PAGE_ENTRIES, page_runs
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ class L1Table:
         self.used_pages = {i // PAGE_ENTRIES for i, offset in enumerate(entries) if offset}
         self.dirty_pages: set[int] = set()
         self.unknown_pages: set[int] = set()  # L1 pages whose pwrite failed midway
-        self.bad: set[int] = validate_l1(entries, geometry, l1_offset, open_end, used)
+        self.bad: BadSet = validate_l1(entries, geometry, l1_offset, open_end, used)
         if self.bad:
             log.warning(
                 "%d invalid L1 entries; the guest ranges they map will fail with EIO",
@@ -82,11 +82,11 @@ class L1Table:
         having grown meanwhile.
         """
         disk = fmt.decode_table(raw)
-        self.bad = {
-            index
-            for index, offset in enumerate(disk)
-            if offset and (offset != self.entries[index] or index in self.bad)
-        }
+        bad = IndexSet(len(disk))
+        for index, offset in enumerate(disk):
+            if offset and (offset != self.entries[index] or index in self.bad):
+                bad.add(index)
+        self.bad = compact(bad)
         self.entries = disk
         self.disk = bytearray(raw)
         self.used_pages = {i // PAGE_ENTRIES for i, offset in enumerate(disk) if offset}
@@ -95,7 +95,7 @@ class L1Table:
 
     def all_bad(self) -> None:
         """L1 could not be re-read: every entry is bad, every range fails."""
-        self.bad = set(range(len(self.entries)))
+        self.bad = IndexSet(len(self.entries), full=True)
 
     def point(self, index: int, offset: int) -> None:
         """Point entry ``index`` at the (new) L2 table at ``offset``; its page becomes dirty."""

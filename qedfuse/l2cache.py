@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import mmap
 from collections import OrderedDict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
@@ -65,47 +66,188 @@ class ClusterBitmap:
         self._bits[k >> 3] = byte | bit
         return False
 
+    def test(self, offset: int) -> bool:
+        """Whether the cluster at file ``offset`` is marked."""
+        k = offset >> self.cluster_bits
+        return bool(self._bits[k >> 3] >> (k & 7) & 1)
+
+    def _span(self, first: int, last: int) -> tuple[int, int, int] | None:
+        """(first byte, last byte, mask over those bytes) of clusters ``first..last``."""
+        first, last = max(0, first), min(self.n_clusters - 1, last)
+        if first > last:
+            return None
+        b0, b1 = first >> 3, last >> 3
+        return b0, b1, ((1 << (last - first + 1)) - 1) << (first - b0 * 8)
+
+    def any_in(self, first: int, last: int) -> bool:
+        """Whether any of clusters ``first..last`` (indices, inclusive) is marked."""
+        span = self._span(first, last)
+        if span is None:
+            return False
+        b0, b1, mask = span
+        return bool(int.from_bytes(self._bits[b0 : b1 + 1], "little") & mask)
+
+    def set_range(self, first: int, count: int) -> None:
+        """Mark clusters ``first .. first + count - 1`` (indices) in a few byte operations."""
+        span = self._span(first, first + count - 1)
+        if span is None:
+            return
+        b0, b1, mask = span
+        word = int.from_bytes(self._bits[b0 : b1 + 1], "little")
+        if word & mask != mask:
+            self._bits[b0 : b1 + 1] = (word | mask).to_bytes(b1 - b0 + 1, "little")
+
     def close(self) -> None:
         self._bits.close()
 
 
+#: Up to this many bad indices are kept as a plain set (fast membership on the I/O path);
+#: past it, as an :class:`IndexSet` bitmap, whose size does not grow with their number.
+SMALL_BAD: Final = 1024
+
+
+class IndexSet:
+    """A set of table indices as a bitmap of ``size`` bits: a hostile table may make every
+    one of its millions of entries bad, and a Python set of them would take ~60 bytes each."""
+
+    __slots__ = ("_bits", "_count", "size")
+
+    def __init__(self, size: int, *, full: bool = False) -> None:
+        self.size = size
+        n_bytes = -(-size // 8)
+        self._bits = bytearray(b"\xff" * n_bytes) if full else bytearray(n_bytes)
+        if full and size % 8:
+            self._bits[-1] = (1 << (size % 8)) - 1
+        self._count = size if full else 0
+
+    def __contains__(self, index: object) -> bool:
+        if not isinstance(index, int) or not 0 <= index < self.size:
+            return False
+        return bool(self._bits[index >> 3] >> (index & 7) & 1)
+
+    def add(self, index: int) -> None:
+        byte = self._bits[index >> 3]
+        bit = 1 << (index & 7)
+        if not byte & bit:
+            self._bits[index >> 3] = byte | bit
+            self._count += 1
+
+    def discard(self, index: int) -> None:
+        byte = self._bits[index >> 3]
+        bit = 1 << (index & 7)
+        if byte & bit:
+            self._bits[index >> 3] = byte & ~bit
+            self._count -= 1
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __bool__(self) -> bool:
+        return self._count > 0
+
+    def __iter__(self) -> Iterator[int]:
+        for k, byte in enumerate(self._bits):
+            if byte:
+                for bit in range(8):
+                    if byte >> bit & 1:
+                        yield k * 8 + bit
+
+
+#: The bad entries of a table: a small set, or a bitmap when there are many.
+BadSet = set[int] | IndexSet
+
+
+def compact(bad: IndexSet) -> BadSet:
+    """``bad`` as a plain set when it is small (faster to test), else as it is."""
+    return set(bad) if len(bad) <= SMALL_BAD else bad
+
+
+def bad_of(entries: array[int], indices: Iterable[int] | None) -> BadSet:
+    """The indices among ``indices`` (None: all) whose entries map a data cluster (> 1)."""
+    found = IndexSet(len(entries))
+    for start, stop in _nonzero_pages(entries) if indices is None else ():
+        for i in range(start, stop):
+            if entries[i] > 1:
+                found.add(i)
+    for i in indices or ():
+        if entries[i] > 1:
+            found.add(i)
+    return compact(found)
+
+
+_CHUNK_ENTRIES: Final = 128 * PAGE_ENTRIES  # 512 KiB of table
+
+
+def _nonzero_pages(entries: array[int]) -> Iterator[tuple[int, int]]:
+    """(start, stop) of each 4 KiB page of ``entries`` that holds a non-zero entry (the
+    all-zero pages of a sparse table are skipped in C, not entry by entry)."""
+    view = memoryview(entries).cast("B")
+    n = len(entries)
+    for chunk in range(0, n, _CHUNK_ENTRIES):  # a copy of at most 1 MiB at a time
+        chunk_stop = min(n, chunk + _CHUNK_ENTRIES)
+        raw = view[chunk * 8 : chunk_stop * 8].tobytes()
+        if raw.count(0) == len(raw):
+            continue
+        for start in range(chunk, chunk_stop, PAGE_ENTRIES):
+            stop = min(chunk_stop, start + PAGE_ENTRIES)
+            if raw.count(0, (start - chunk) * 8, (stop - chunk) * 8) != (stop - start) * 8:
+                yield start, stop
+
+
 def validate_l1(
     l1: array[int], geometry: fmt.Geometry, l1_offset: int, open_end: int, used: ClusterBitmap
-) -> set[int]:
+) -> BadSet:
     """Indices of the bad entries of the L1 table read at open; marks the metadata clusters.
 
     Bad: not a table inside the file as it was opened (``open_end``), overlapping the L1
     table, or overlapping another entry's table.  The clusters of the L1 table and of every
-    other named table are marked in ``used``.
+    other named table are marked in ``used``.  Memory does not grow with the entries (a
+    hostile L1 may name millions of tables): overlaps are found through two bitmaps of table
+    starts, each as sparse as ``used``, never through a list of the entries.
     """
     geo = geometry
-    l1_end = l1_offset + geo.table_bytes
-    bad: set[int] = set()
-    candidates: list[tuple[int, int]] = []
-    for index, offset in enumerate(l1):
-        if offset == 0:
-            continue
-        if not geo.is_table_offset(offset, open_end) or (
-            offset < l1_end and offset + geo.table_bytes > l1_offset
-        ):
-            bad.add(index)
-        else:
-            candidates.append((offset, index))
-    candidates.sort()
-    # Two L1 entries whose tables overlap are both unusable: writing through one would
-    # change the other's mappings.
-    for k in range(1, len(candidates)):
-        if candidates[k][0] < candidates[k - 1][0] + geo.table_bytes:
-            bad.add(candidates[k][1])
-            bad.add(candidates[k - 1][1])
-    for offset in range(l1_offset, l1_end, geo.cluster_size):
-        used.test_and_set(offset)
-    # Overlapping tables are refused above but are still L2 metadata: a data entry
-    # pointing into one must be refused too, not written through.
-    for offset, _index in candidates:
-        for k in range(geo.table_size):
-            used.test_and_set(offset + k * geo.cluster_size)
-    return bad
+    table_bytes = geo.table_bytes
+    span = geo.table_size  # clusters per table
+    cbits = geo.cluster_bits
+    l1_end = l1_offset + table_bytes
+    bad = IndexSet(len(l1))
+    starts = ClusterBitmap(used.n_clusters, cbits)  # clusters where a named table starts
+    twice = ClusterBitmap(used.n_clusters, cbits)  # ... and where two or more do
+    try:
+        for start, stop in _nonzero_pages(l1):
+            for index in range(start, stop):
+                offset = l1[index]
+                if offset == 0:
+                    continue
+                if not geo.is_table_offset(offset, open_end) or (
+                    offset < l1_end and offset + table_bytes > l1_offset
+                ):
+                    bad.add(index)
+                elif starts.test_and_set(offset):
+                    twice.test_and_set(offset)
+        used.set_range(l1_offset >> cbits, span)
+        # Two L1 entries whose tables overlap are both unusable: writing through one would
+        # change the other's mappings.  Tables have one size, so another table overlaps this
+        # one exactly when one starts less than a table's length before or after it.
+        # Overlapping tables are still L2 metadata, so a data entry pointing into one must
+        # be refused too: every named table's clusters are marked.
+        for start, stop in _nonzero_pages(l1):
+            for index in range(start, stop):
+                offset = l1[index]
+                if offset == 0 or index in bad:
+                    continue
+                first = offset >> cbits
+                if (
+                    twice.test(offset)
+                    or starts.any_in(first - span + 1, first - 1)
+                    or starts.any_in(first + 1, first + span - 1)
+                ):
+                    bad.add(index)
+                used.set_range(first, span)
+    finally:
+        starts.close()
+        twice.close()
+    return compact(bad)
 
 
 def validate_l2(
@@ -114,26 +256,26 @@ def validate_l2(
     open_end: int,
     used: ClusterBitmap,
     contested: set[int],
-    keep: int | None = None,
-) -> set[int]:
+) -> BadSet:
     """Indices of invalid data entries in an L2 table read from disk for the first time.
 
     Bad: misaligned, in the header, at or past the open-time end of the file (``open_end``),
     in metadata, or a host cluster some other entry already maps (the first mapping seen
     keeps it).  Valid entries are marked in ``used``; a cluster mapped twice is added to
-    ``contested`` (up to :data:`MAX_CONTESTED`).  At most ``keep`` indices are returned.
+    ``contested`` (up to :data:`MAX_CONTESTED`).  All-zero pages cost a byte count in C.
     """
     mask = geometry.cluster_size - 1
     low = geometry.header_end_offset
     high = open_end
-    bad: set[int] = set()
-    for i, e in enumerate(entries):
-        if e > 1 and (e & mask or e < low or e >= high or used.test_and_set(e)):
-            if keep is None or len(bad) < keep:  # a hostile table may be all bad
+    bad = IndexSet(len(entries))
+    for start, stop in _nonzero_pages(entries):
+        for i in range(start, stop):
+            e = entries[i]
+            if e > 1 and (e & mask or e < low or e >= high or used.test_and_set(e)):
                 bad.add(i)
-            if not e & mask and low <= e < high and len(contested) < MAX_CONTESTED:
-                contested.add(e)  # the other mapping of it is bad as well
-    return bad
+                if not e & mask and low <= e < high and len(contested) < MAX_CONTESTED:
+                    contested.add(e)  # the other mapping of it is bad as well
+    return compact(bad)
 
 
 class L2Table:
@@ -141,7 +283,7 @@ class L2Table:
 
     __slots__ = ("bad", "dirty_pages", "entries", "is_new", "offset")
 
-    def __init__(self, offset: int, entries: array[int], bad: set[int], *, is_new: bool) -> None:
+    def __init__(self, offset: int, entries: array[int], bad: BadSet, *, is_new: bool) -> None:
         self.offset = offset
         self.entries = entries
         self.bad = bad
@@ -239,10 +381,15 @@ class CacheStatistics(StatsRecord):
 __all__ = [
     "MAX_CONTESTED",
     "MAX_FILE_CLUSTERS",
+    "SMALL_BAD",
+    "BadSet",
     "CacheStatistics",
     "ClusterBitmap",
+    "IndexSet",
     "L2Cache",
     "L2Table",
+    "bad_of",
+    "compact",
     "validate_l1",
     "validate_l2",
 ]

@@ -1008,26 +1008,46 @@ async def test_read_write_open_of_need_check_image_repairs() -> None:
 async def test_unrepaired_need_check_is_never_cleared_qemu_bug_j() -> None:
     # Opened read-write with NEED_CHECK set and no repair: the image was never checked, so
     # no flush may mark it clean (docs/qemu-differences.md#bug-j: QEMU's close clears it).
-    data, layout = await _two_table_image()
+    data, _ = await _two_table_image()
     data[FEATURES_OFFSET] |= NEED_CHECK
-    poke_u64(data, layout["l2b"] + 5 * 8, 0x7770000)  # guest 4 MiB + 5 clusters: past EOF
-    img = await open_bytes(data, options=OpenOptions(repair_on_open=False))
+    img = await open_bytes(bytes(data), options=OpenOptions(repair_on_open=False))
     assert need_check_on_disk(img)
-    await img.write(5 * 4096, b"\x55" * 4096)  # L2 table A is fine
+    await img.write(5 * 4096, b"\x55" * 4096)
     await img.write(9 * MiB, b"\x55" * 4096)  # a new L2 table
     await img.flush()
     assert need_check_on_disk(img)
     img = await reopen(img, options=OpenOptions(repair_on_open=False))
     assert need_check_on_disk(img)
-    assert await img.read(5 * 4096, 4096) == b"\x55" * 4096
     assert await img.read(9 * MiB, 4096) == b"\x55" * 4096
+    await img.close()
+
+
+@pytest.mark.expect_log(
+    "has 1 invalid entries", "entering failsafe mode", "NEED_CHECK set; repaired on open"
+)
+async def test_corruption_the_survey_finds_stops_writes() -> None:
+    # A bad entry in a table no guest request touches: the survey before the first write
+    # finds it, and the image goes failsafe (writes refused, NEED_CHECK stays set) instead
+    # of being written and marked clean with the corruption in it.
+    data, layout = await _two_table_image()
+    poke_u64(data, layout["l2b"] + 5 * 8, 0x7770000)  # guest 4 MiB + 5 clusters: past EOF
+    img = await open_bytes(data)
+    assert not need_check_on_disk(img)
+    with pytest.raises(FailsafeError):
+        await img.write(5 * 4096, b"\x55" * 4096)  # L2 table A is fine, B is not
+    assert img.failsafe_reason is not None
+    assert "invalid entries" in img.failsafe_reason
+    assert need_check_on_disk(img)
+    assert await img.read(5 * 4096, 4096) != b"\x55" * 4096  # nothing was written
     with pytest.raises(CorruptionError):
         await img.read(4 * MiB + 5 * 4096, 4096)
     # A repairing open then fixes the entry and clears the bit.
     img = await reopen(img)
     assert not need_check_on_disk(img)
     assert await img.read(4 * MiB + 5 * 4096, 4096) == bytes(4096)
-    assert await img.read(9 * MiB, 4096) == b"\x55" * 4096
+    await img.write(5 * 4096, b"\x55" * 4096)
+    await img.flush()
+    assert await img.read(5 * 4096, 4096) == b"\x55" * 4096
     await img.close()
 
 
