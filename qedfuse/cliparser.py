@@ -15,6 +15,7 @@ from typing import NoReturn
 
 from qedfuse.errors import UsageError
 from qedfuse.errors import UserError as CliError
+from qedfuse.options import timeout_arg
 
 PROG = "qedfuse"
 OFFLINE_COMMANDS = ("create", "info", "check", "convert", "map", "resize", "commit")
@@ -239,7 +240,7 @@ def build_parser(*, with_mount: bool = False) -> argparse.ArgumentParser:
     def add_timeout(p: argparse.ArgumentParser, default: float) -> None:
         p.add_argument(
             "--timeout",
-            type=float,
+            type=timeout_arg,
             default=default,
             metavar="S",
             help=f"give up on a daemon that has not answered after S seconds (default {default:g})",

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from qedfuse.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, UserError, one_line, say
+from qedfuse.logsetup import open_log_file
 from qedfuse.mounttable import FSTYPE, MountError, mount_entry
 from qedfuse.umount import fusermount
 
@@ -176,7 +177,7 @@ def detach_stdio(cfg: MountConfig) -> None:
     err = null
     if cfg.options.log_file is not None:
         with contextlib.suppress(OSError):
-            err = os.open(cfg.options.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            err = open_log_file(cfg.options.log_file)
     os.dup2(null, 0)
     os.dup2(null, 1)
     os.dup2(err, 2)

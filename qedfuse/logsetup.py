@@ -17,11 +17,13 @@ memory (:func:`recent_problems`, shown by ``qedfuse status``), and after
 
 from __future__ import annotations
 
+import errno
 import faulthandler
 import logging
 import logging.handlers
 import os
 import signal
+import stat
 import sys
 from collections import deque
 from typing import IO, Any, Final
@@ -147,7 +149,7 @@ def setup_logging(
         log_file = fallback_file
     new: logging.Handler
     if log_file is not None:
-        new = logging.FileHandler(log_file, encoding="utf-8")
+        new = logging.StreamHandler(os.fdopen(open_log_file(log_file), "a", encoding="utf-8"))
         new.setFormatter(
             logging.Formatter(
                 "%(asctime)s.%(msecs)03d %(process)d %(levelname)s %(name)s: %(message)s",
@@ -225,6 +227,24 @@ def reset_logging() -> None:
     _saved_levels.clear()
 
 
+def open_log_file(path: str) -> int:
+    """Open ``path`` to append log lines to (created if missing), never blocking: a FIFO,
+    socket, directory or block device is refused (a FIFO with no reader would hang the
+    open); a regular file or a character device (a terminal, ``/dev/null``) is taken."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    fd = os.open(path, flags, 0o644)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISCHR(mode)):
+            kind = "FIFO" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode) else "device"
+            raise OSError(errno.EINVAL, f"{path} is a {kind}, not a regular file")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def _enable_faulthandler(log_file: str | None) -> None:
     """Fatal-error tracebacks to the log file, else to stderr (unless already enabled, e.g.
     by ``PYTHONFAULTHANDLER`` or pytest, whose target is kept)."""
@@ -234,7 +254,7 @@ def _enable_faulthandler(log_file: str | None) -> None:
         _fault_file = None
     target: IO[str] = sys.stderr
     if log_file is not None:
-        _fault_file = open(log_file, "a", encoding="utf-8")  # noqa: SIM115 (kept open)
+        _fault_file = os.fdopen(open_log_file(log_file), "a", encoding="utf-8")
         target = _fault_file
     elif faulthandler.is_enabled():
         return

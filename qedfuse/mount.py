@@ -27,8 +27,9 @@ from typing import TYPE_CHECKING
 
 from qedfuse.daemonize import Reporter, fork_and_wait, setup_daemon_logging
 from qedfuse.errors import EXIT_OK, UserError, say
+from qedfuse.logsetup import open_log_file
 from qedfuse.mounttable import FSTYPE, PROBE_TIMEOUT_S, MountError, direct, probe, resolve_path
-from qedfuse.options import MountOptions, parse_options
+from qedfuse.options import MountOptions, parse_options, timeout_arg
 from qedfuse.registry import daemon_for, is_stopped, mount_state
 from qedfuse.serve import run_daemon
 from qedfuse.umount import umount_main
@@ -72,9 +73,8 @@ def configure_mount_parser(p: argparse.ArgumentParser) -> None:
         "debug, backing=PATH, untrusted, detect_zeroes=on|off, flush_delay=SECONDS, "
         "pidfile=FILE, writeback_cache; passed to FUSE: allow_other, allow_root, "
         "default_permissions, noatime, atime, sync, async, dirsync, noexec, exec, nodev, "
-        "nosuid, dev, suid, auto_unmount, "
-        "max_read=N; fstab/mount(8)-only options (defaults, nofail, _netdev, x-*, …) are "
-        "ignored.  -f means foreground here, also when run by mount(8)."
+        "nosuid, dev, suid, auto_unmount; fstab/mount(8)-only options (defaults, nofail, "
+        "_netdev, x-*, …) are ignored.  -f means foreground here, also when run by mount(8)."
     )
     p.add_argument(
         "-f", "--foreground", action="store_true", help="serve in the foreground (no fork)"
@@ -126,7 +126,7 @@ def configure_umount_parser(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--timeout",
-        type=float,
+        type=timeout_arg,
         default=DEFAULT_UMOUNT_TIMEOUT,
         metavar="S",
         help=f"give up waiting after S seconds (default {DEFAULT_UMOUNT_TIMEOUT:g}), exit 1",
@@ -196,6 +196,13 @@ def _build_config(ns: argparse.Namespace) -> MountConfig:
         log_file=os.path.abspath(opts.log_file) if opts.log_file else opts.log_file,
         pidfile=os.path.abspath(opts.pidfile) if opts.pidfile else opts.pidfile,
     )
+    if opts.log_file is not None:
+        # Checked here, in the caller, so that a FIFO or a directory is a one-line error
+        # and never a daemon stuck in open(); the daemon opens it the same way again.
+        try:
+            os.close(open_log_file(opts.log_file))
+        except OSError as exc:
+            raise UserError(f"cannot open log file: {exc.strerror or exc}") from None
     image = os.path.abspath(ns.image)
     overlay_base: str | None = None
     if ns.overlay:

@@ -8,8 +8,9 @@ all make ``fuse_session_new()`` fail), so qedfuse reads every option itself and 
   ``log=FILE``, ``debug``, ``backing=PATH``, ``untrusted``, ``detect_zeroes=on|off``,
   ``flush_delay=SECONDS``, ``pidfile=FILE``, ``writeback_cache``, ``subtype=`` (always
   ``qedfuse``);
-* **passed** to libfuse: :data:`PASS_THROUGH` and ``max_read=N`` (``ro`` is passed as well,
-  so the kernel marks the mount read-only);
+* **passed** to libfuse: :data:`PASS_THROUGH` (``ro`` is passed as well, so the kernel
+  marks the mount read-only);
+* **refused** with its reason: ``max_read=N`` (libfuse 3 needs pyfuse3 to set it too);
 * **dropped** silently: userspace-only options mount(8), mount.fuse3 and fstab add
   (:data:`DROPPED`, ``comment=…``, ``x-*``, ``X-*``, ``setuid=…``);
 * anything else is a usage error (:class:`OptionError`, exit status 2).
@@ -21,12 +22,14 @@ checks permissions against the modes qedfuse reports.
 
 from __future__ import annotations
 
+import argparse
 import enum
 import grp
 import pwd
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from qedfuse.errors import UsageError
 
@@ -173,17 +176,34 @@ def parse_options(args: Iterable[str]) -> MountOptions:
                 if not value:
                     raise OptionError(f"mount option '{key}' needs a value ('{key}=…')")
                 if key == "max_read":
-                    fuse[:] = [o for o in fuse if not o.startswith("max_read=")]
-                    fuse.append(f"max_read={_max_read(value)}")
-                elif key != "subtype":  # the type is always fuse.qedfuse
+                    raise OptionError(_MAX_READ_REFUSED)
+                if key != "subtype":  # the type is always fuse.qedfuse
                     values[_VALUED[key][0]] = _VALUED[key][1](key, value)
             else:
                 raise OptionError(f"unknown mount option '{opt}'")
     return MountOptions(fuse=tuple(fuse), **values)
 
 
+#: Numbers on the command line and in -o are ASCII: ``str.isdigit``, ``int`` and ``float``
+#: also take other scripts' digits ('١٢٣' is 123 to them) and ``nan``/``inf``.
+_UNSIGNED_RE: Final = re.compile(r"[0-9]+", re.ASCII)
+_DECIMAL_RE: Final = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)", re.ASCII)
+#: The longest timeout a command waits for (a day).
+MAX_TIMEOUT_S: Final = 86400.0
+
+
+def timeout_arg(text: str) -> float:
+    """argparse type of ``--timeout``: decimal seconds, more than 0 and at most a day."""
+    seconds = float(text) if _DECIMAL_RE.fullmatch(text) else -1.0
+    if not 0 < seconds <= MAX_TIMEOUT_S:
+        raise argparse.ArgumentTypeError(
+            f"expected seconds, more than 0 and at most {MAX_TIMEOUT_S:g}: {text!r}"
+        )
+    return seconds
+
+
 def _id(key: str, value: str) -> int:
-    if value.isdigit():
+    if _UNSIGNED_RE.fullmatch(value):
         return int(value)
     try:
         if key == "uid":
@@ -195,10 +215,7 @@ def _id(key: str, value: str) -> int:
 
 
 def _seconds(key: str, value: str) -> float:
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = -1.0
+    seconds = float(value) if _DECIMAL_RE.fullmatch(value) else -1.0
     if not 0 <= seconds <= 86400:  # also refuses nan
         raise OptionError(f"mount option '{key}={value}': expected seconds from 0 to 86400")
     return seconds
@@ -218,19 +235,19 @@ def _on_off(key: str, value: str) -> bool:
 
 
 def _umask(key: str, value: str) -> int:
-    try:
-        umask = int(value, 8)
-    except ValueError:
-        umask = -1
+    umask = int(value, 8) if re.fullmatch(r"[0-7]+", value, re.ASCII) else -1
     if not 0 <= umask <= 0o777:
         raise OptionError(f"mount option '{key}={value}': expected an octal mask up to 777")
     return umask
 
 
-def _max_read(value: str) -> int:
-    if not value.isdigit() or int(value) < 4096:
-        raise OptionError(f"mount option 'max_read={value}': expected bytes (at least 4096)")
-    return int(value)
+#: libfuse 3 takes max_read only when the filesystem's init() sets the same limit, which
+#: pyfuse3 cannot do: the kernel's INIT then fails and the mount is gone (reported by an
+#: outside review as "mount succeeds, nothing mounted"), so the option is refused up front.
+_MAX_READ_REFUSED: Final = (
+    "mount option 'max_read' is not supported (pyfuse3 cannot set the matching limit, and "
+    "the kernel would then refuse the mount); without it the kernel's own limit applies"
+)
 
 
 def _text(key: str, value: str) -> str:
@@ -295,7 +312,6 @@ OPTION_HELP: tuple[tuple[str, str], ...] = (
         "the kernel's FUSE writeback cache: faster small writes; a write past the end fails "
         "only at the next fsync or close; O_TRUNC is refused; off by default",
     ),
-    ("max_read=N", "largest read request in bytes (at least 4096), passed to FUSE"),
     ("subtype=NAME", "accepted and ignored: the type is always fuse.qedfuse"),
     *((name, "passed to FUSE") for name in sorted(PASS_THROUGH)),
     *((name, "ignored (meant for mount(8), mount.fuse3 or fstab)") for name in sorted(DROPPED)),

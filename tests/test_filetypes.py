@@ -802,3 +802,38 @@ def test_commit_failing_midway_says_what_next(tmp_path: Path) -> None:
         assert f"run 'qedfuse commit {overlay}' again" in line, line
     finally:
         run(["umount", "-l", fs])
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["fifo", "fifo-with-reader", "directory", "socket", "link-to-fifo", "link-to-socket"],
+)
+def test_mount_log_must_be_a_file(tmp_path: Path, kind: str) -> None:
+    """``-o log=`` pointing at a FIFO hung the daemon in open() and ``mount`` with it (an
+    outside review); every non-file is a one-line refusal before the fork, nothing mounted."""
+    image = _good_qed(tmp_path)
+    mnt = _mnt(tmp_path)
+    reader = -1
+    if kind == "fifo-with-reader":
+        log_path = make_kind(tmp_path, "fifo")
+        reader = os.open(log_path, os.O_RDONLY | os.O_NONBLOCK)
+    else:
+        log_path = make_kind(tmp_path, kind)
+    try:
+        cp, elapsed = bounded([QEDFUSE, "mount", os.fspath(image), mnt, "-o", f"log={log_path}"])
+        line = assert_refused(cp, elapsed)
+        assert "log file" in line, line
+        assert mount_entry(mnt) is None
+    finally:
+        if reader >= 0:
+            os.close(reader)
+        release_fifos(tmp_path)
+        kill_strays(tmp_path)
+
+
+def test_mount_log_may_be_dev_null(tmp_path: Path) -> None:
+    """A character device (``/dev/null``, a terminal) is a fine log."""
+    image = _good_qed(tmp_path)
+    with mounted(image, tmp_path / "mnt", "-o", "log=/dev/null") as m:
+        assert m.raw.stat().st_size == MiB
+        assert m.raw.read_bytes() == bytes(MiB)

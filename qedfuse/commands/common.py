@@ -39,7 +39,9 @@ Progress = Callable[[int, int], None]
 
 # ---------------------------------------------------------------------- sizes and options
 
-_SIZE_RE: Final = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)\s*([bkmgtpe]?)$", re.IGNORECASE)
+_SIZE_RE: Final = re.compile(
+    r"^([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([bkmgtpe]?)$", re.IGNORECASE | re.ASCII
+)
 _SUFFIX_SHIFT: Final = {"": 0, "b": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
 
 
@@ -93,6 +95,8 @@ def parse_create_options(specs: list[str]) -> CreateOptions:
 
 def _parse_int(key: str, value: str) -> int:
     try:
+        if not value.isascii():  # int() also takes other scripts' digits
+            raise ValueError(value)
         return int(value, 0)
     except ValueError:
         raise UsageError(f"option {key!r}: {value!r} is not a number") from None
