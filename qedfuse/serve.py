@@ -193,7 +193,7 @@ async def _serve_mounted(
     cfg: MountConfig, reporter: Reporter, state: _State, image: QedImage
 ) -> int:
     from qedfuse import control, logsetup, sdnotify
-    from qedfuse.fuseloop import fuse_close, fuse_main, fuse_terminate
+    from qedfuse.fuseloop import fuse_close, fuse_main
 
     state.mounted = True
     code = EXIT_OK
@@ -221,13 +221,20 @@ async def _serve_mounted(
                     setup_daemon_logging(
                         cfg, detached=True, fallback_file=_fallback_log_file(state, cfg)
                     )
-                log.info("serving %s at %s (pid %d)", cfg.image_path, cfg.mountpoint, os.getpid())
-                reporter.ready(logsetup.destination() if not cfg.foreground else "")
-                state.served = True
-                if state.signal_name is not None:  # a signal raced the start-up
-                    fuse_terminate()
+                destination = logsetup.destination() if not cfg.foreground else ""
+                nursery.start_soon(_report_when_serving, cfg, reporter, state, destination)
                 await fuse_main()
                 nursery.cancel_scope.cancel()
+                if not state.served:
+                    if state.signal_name is not None:
+                        raise StartupError(
+                            f"interrupted by {state.signal_name} before the mount was ready"
+                        )
+                    raise StartupError(
+                        f"the mount at {cfg.mountpoint} does not serve (its FUSE session ended "
+                        "at once: libfuse refused the kernel's INIT); nothing is mounted "
+                        "(--debug-fuse shows libfuse's reason)"
+                    )
         finally:
             if cfg.systemd:
                 sdnotify.stopping()
@@ -255,6 +262,41 @@ async def _serve_mounted(
     if not reporter.done:
         reporter.fail(failure or "the mount ended before it was ready")
     return code
+
+
+#: How long the first request through a new mount may take before the start fails.
+SERVE_PROBE_TIMEOUT_S = 30.0
+
+
+async def _report_when_serving(
+    cfg: MountConfig, reporter: Reporter, state: _State, destination: str
+) -> None:
+    """Report the mount ready once a request through it has been answered.
+
+    The kernel's INIT is answered inside the request loop, and libfuse may still refuse it
+    there (the mount is then gone although every call before succeeded): only a ``stat`` of
+    the disk file, from a thread while the loop serves it, shows that the mount serves.  A
+    mount made by mount.fuse3 on ``/dev/fd/N`` has no path to stat: it is reported at once.
+    """
+    from qedfuse.fs import raw_file_name
+    from qedfuse.fuseloop import fuse_terminate
+
+    if not cfg.mountpoint.startswith("/dev/fd/"):
+        path = os.path.join(cfg.mountpoint, raw_file_name(cfg.image_path))
+        try:
+            with trio.fail_after(SERVE_PROBE_TIMEOUT_S):
+                await trio.to_thread.run_sync(os.stat, path, abandon_on_cancel=True)
+        except (OSError, trio.TooSlowError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "no answer"
+            raise StartupError(
+                f"the mount at {cfg.mountpoint} does not serve ({reason}); "
+                "nothing was mounted (--debug-fuse shows libfuse's reason)"
+            ) from None
+    log.info("serving %s at %s (pid %d)", cfg.image_path, cfg.mountpoint, os.getpid())
+    reporter.ready(destination)
+    state.served = True
+    if state.signal_name is not None:  # a signal raced the start-up
+        fuse_terminate()
 
 
 def _own_mount(cfg: MountConfig) -> MountEntry | None:

@@ -16,6 +16,8 @@ import contextlib
 import errno
 import os
 import random
+import sys
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +25,7 @@ import pytest
 import qededit
 import trio
 from enginehelpers import Wrapper, pattern
-from fusehelpers import mounted, qedfuse
+from fusehelpers import QEDFUSE, mount_entry, mounted, qedfuse
 from pyfuse3 import FUSEError
 
 from qedfuse.fs import QedFS
@@ -293,3 +295,39 @@ async def test_fsync_for_lack_of_space_says_enospc(op: str) -> None:
             await fs.fsync(0, False)
         assert info.value.errno == errno.EIO
     await image.close()
+
+
+@pytest.mark.parametrize("foreground", [False, True], ids=["daemon", "foreground"])
+def test_a_mount_the_kernel_refuses_after_init_is_a_failed_start(
+    tmp_path: Path, foreground: bool
+) -> None:
+    """libfuse can refuse the kernel's INIT inside the request loop, after every call of
+    the start succeeded (an outside review: -o max_read=N made ``mount`` exit 0 with nothing
+    mounted).  Readiness waits for a request through the mount, so this start fails with
+    one line.  The refusal is provoked by handing libfuse max_read behind qedfuse's back."""
+    image = tmp_path / "disk.qed"
+    check_ok(run([QEDFUSE, "create", os.fspath(image), "1M"]))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    script = textwrap.dedent(
+        """
+        import sys
+        from qedfuse import cli, options
+
+        real = options.MountOptions.fuse_options
+
+        def with_max_read(self, *args, **kwargs):
+            return real(self, *args, **kwargs) | {"max_read=65536"}
+
+        options.MountOptions.fuse_options = with_max_read
+        sys.exit(cli.main(["mount", *sys.argv[1:]]))
+        """
+    )
+    args = [os.fspath(image), os.fspath(mnt), *(["-f"] if foreground else [])]
+    cp = run([sys.executable, "-c", script, *args], timeout=90)
+    lines = [line for line in cp.stderr.splitlines() if line.startswith("qedfuse: ")]
+    assert cp.returncode != 0, describe(cp)
+    assert any("does not serve" in line for line in lines), describe(cp)
+    assert "Traceback" not in cp.stderr, describe(cp)
+    assert mount_entry(mnt) is None, describe(cp)
+    check_ok(run([require_tool("qemu-img"), "check", image]))
