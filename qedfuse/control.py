@@ -341,6 +341,10 @@ def query(ref: MountRef, command: str, timeout: float) -> dict[str, Any]:
             f"`qedfuse umount {ref.mountpoint}`"
         )
         return {**base, "ok": False, "state": "dead", "error": error}
+    if process_state(ref.pid) in ("T", "t"):
+        # Stopped (SIGSTOP, a debugger): it cannot answer, so do not wait out the timeout.
+        error = f"the daemon (pid {ref.pid}) is stopped; resume it with `kill -CONT {ref.pid}`"
+        return {**base, "ok": False, "state": "stopped", "error": error}
     try:
         answer = request(
             socket_path(ref.registry_path),

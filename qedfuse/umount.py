@@ -225,6 +225,12 @@ def _umount(ns: argparse.Namespace) -> int:
         return EXIT_OK
     if serving is None:
         raise MountError(f"cannot tell which process serves {mountpoint}; not waiting")
+    if stopped or is_stopped(serving.pid):
+        # A stopped daemon never finishes its flush: waiting out --timeout says nothing more.
+        raise MountError(
+            f"unmounted {mountpoint}, but its daemon (pid {serving.pid}) is stopped and cannot "
+            f"finish its flush; {_resume_hint(serving.pid)}"
+        )
     return _wait_for([serving, *flushing], deadline, ns.timeout)
 
 
