@@ -166,6 +166,8 @@ def parse_options(args: Iterable[str]) -> MountOptions:
             key, eq, value = opt.partition("=")
             if opt in DROPPED or opt.startswith(DROPPED_PREFIXES):
                 continue
+            if key == "max_read":
+                raise OptionError(_MAX_READ_REFUSED)
             if opt in PASS_THROUGH:
                 if opt not in fuse:
                     fuse.append(opt)
@@ -175,8 +177,6 @@ def parse_options(args: Iterable[str]) -> MountOptions:
             elif key in _VALUED:
                 if not value:
                     raise OptionError(f"mount option '{key}' needs a value ('{key}=…')")
-                if key == "max_read":
-                    raise OptionError(_MAX_READ_REFUSED)
                 if key != "subtype":  # the type is always fuse.qedfuse
                     values[_VALUED[key][0]] = _VALUED[key][1](key, value)
             else:
@@ -277,7 +277,6 @@ _VALUED: dict[str, tuple[str, Callable[[str, str], object]]] = {
     "detect_zeroes": ("detect_zeroes", _on_off),
     "flush_delay": ("flush_delay", _seconds),
     "pidfile": ("pidfile", _text),
-    "max_read": ("", _text),
     "subtype": ("", _text),
 }
 

@@ -70,7 +70,7 @@ async def _build(path: Path, layout: str, cs: int, ts: int) -> None:
 
 _PROBE = textwrap.dedent(
     """
-    import resource, sys, trio
+    import sys, trio
     from qedfuse.errors import QedError
     from qedfuse.imagefile import FileImage
     from qedfuse.opening import open_image
@@ -88,7 +88,10 @@ _PROBE = textwrap.dedent(
             pass
         assert img.failsafe_reason is not None, "hostile tables must stop writes"
         await img.close()
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+        # VmHWM, not ru_maxrss: Linux carries the forking parent's peak across exec
+        with open("/proc/self/status") as f:
+            peak_kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        print(peak_kib // 1024)
 
     trio.run(main, sys.argv[1])
     """
