@@ -107,7 +107,11 @@ def configure_mount_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("-t", dest="mount8_type", metavar="TYPE", help=argparse.SUPPRESS)
     p.add_argument("-N", dest="mount8_ns", metavar="NS", help=argparse.SUPPRESS)
     p.add_argument("image", metavar="IMAGE", help="the QED image (the base with --overlay)")
-    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing directory (what it holds is hidden while mounted)")
+    p.add_argument(
+        "mountpoint",
+        metavar="MOUNTPOINT",
+        help="an existing directory (what it holds is hidden while mounted)",
+    )
 
 
 def configure_umount_parser(p: argparse.ArgumentParser) -> None:
