@@ -122,6 +122,24 @@ def sampled(cases: Sequence[T], k: int, label: str) -> list[T]:
     return [cases[i] for i in keep]
 
 
+def open_files(pid: int) -> list[tuple[str, int]]:
+    """(target, size in bytes) of every file descriptor ``pid`` holds now; [] once it is gone.
+    An unnamed or deleted file's target ends in `` (deleted)``."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return []
+    out = []
+    for fd in fds:
+        try:
+            out.append(
+                (os.readlink(f"/proc/{pid}/fd/{fd}"), os.stat(f"/proc/{pid}/fd/{fd}").st_size)
+            )
+        except OSError:
+            continue  # closed meanwhile
+    return out
+
+
 def qemu_img_create(path: PathT, size: str | int, *opts: str, qemu_img: str | None = None) -> PathT:
     """``qemu-img create -q -f qed [-o OPT,...] PATH SIZE`` (must succeed); returns ``path``."""
     args: list[str | os.PathLike[str]] = [qemu_img or require_tool("qemu-img"), "create", "-q"]

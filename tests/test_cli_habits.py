@@ -25,7 +25,7 @@ from fusehelpers import QEDFUSE, mounted, need_check, qedfuse
 
 from qedfuse import cli, cliparser
 from qedfuse.errors import UsageError
-from support import check_ok, qemu_img_create, require_tool, run
+from support import check_ok, open_files, qemu_img_create, require_tool, run
 
 MiB = 1 << 20
 DISK_SIZE = 8 * MiB
@@ -347,17 +347,7 @@ def test_closed_pipe_exits_quietly(tmp_path: Path) -> None:
 
 def _started(pid: int, path: Path) -> bool:
     """True once the process has ``path`` open (qedfuse's own code is running)."""
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return False
-    for fd in fds:
-        try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}") == str(path):
-                return True
-        except OSError:
-            pass
-    return False
+    return any(target == str(path) for target, _ in open_files(pid))
 
 
 @pytest.mark.slow

@@ -29,7 +29,7 @@ import pytest
 from fusehelpers import QEDFUSE, fusermount_u, loop_device, mount_entry, mounted
 
 from qedfuse import cli, logsetup
-from support import check_ok, describe, require_tool, run
+from support import check_ok, describe, open_files, require_tool, run
 
 pytestmark = pytest.mark.qemu
 
@@ -663,21 +663,12 @@ def _big_qed(tmp: Path, name: str, size: int) -> Path:
 def _writing_replacement(pid: int, directory: Path) -> bool:
     """Whether ``pid`` has a replacement file open in ``directory`` with data in it: a
     temporary name there, or an unnamed (``O_TMPFILE``) file."""
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return False
-    for fd in fds:
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            st = os.stat(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        in_dir = os.path.dirname(target) == os.fspath(directory)
-        temp = target.endswith(".qedfuse-tmp") or target.endswith(" (deleted)")
-        if in_dir and temp and st.st_size > 0:
-            return True
-    return False
+    return any(
+        os.path.dirname(target) == os.fspath(directory)
+        and (target.endswith(".qedfuse-tmp") or target.endswith(" (deleted)"))
+        and size > 0
+        for target, size in open_files(pid)
+    )
 
 
 @pytest.mark.parametrize(
