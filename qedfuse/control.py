@@ -236,6 +236,10 @@ class NoAnswer(Exception):
         self.detail = detail
 
 
+#: The state of a mount whose daemon answered something of the wrong shape.
+MALFORMED = "malformed answer"
+
+
 class MalformedAnswer(Exception):
     """The daemon's answer does not have the shape of a ``status``/``flush`` answer."""
 
@@ -299,7 +303,7 @@ def request(
     except ValueError:
         raise NoAnswer("not responding", "the connection closed without an answer") from None
     if not isinstance(answer, dict):
-        raise NoAnswer("not responding", "malformed answer")
+        raise NoAnswer(MALFORMED, "the answer is not a JSON object")
     return answer
 
 
@@ -355,6 +359,8 @@ def query(ref: MountRef, command: str, timeout: float) -> dict[str, Any]:
         )
     except NoAnswer as exc:
         state, detail = exc.state, exc.detail
+        if state == MALFORMED:
+            detail = str(MalformedAnswer(ref.pid))
         letter = process_state(ref.pid)
         if letter is None or letter in ("Z", "X"):
             state = "dead"
@@ -368,7 +374,7 @@ def query(ref: MountRef, command: str, timeout: float) -> dict[str, Any]:
         # One daemon's garbage (another version, a stand-in) must not hide the other mounts
         # from ``list``/``status``: it is this mount's state, worded as the error.
         error = str(MalformedAnswer(ref.pid))
-        return {**base, "ok": False, "state": "malformed answer", "error": error}
+        return {**base, "ok": False, "state": MALFORMED, "error": error}
     answer.setdefault("state", "running")
     return {**base, **answer, "mountpoint": ref.mountpoint, "pid": ref.pid}
 
