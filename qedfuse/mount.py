@@ -17,16 +17,20 @@ Opening the image and creating an ``--overlay`` are the composition root's,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import logging
 import os
 import re
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+import trio
+
 from qedfuse.daemonize import Reporter, fork_and_wait, setup_daemon_logging
-from qedfuse.errors import EXIT_OK, UserError, say
+from qedfuse.errors import EXIT_OK, QedError, UserError, say
 from qedfuse.logsetup import open_log_file
 from qedfuse.mounttable import FSTYPE, PROBE_TIMEOUT_S, MountError, direct, probe, resolve_path
 from qedfuse.options import MountOptions, parse_options, timeout_arg
@@ -200,13 +204,6 @@ def _build_config(ns: argparse.Namespace) -> MountConfig:
         log_file=os.path.abspath(opts.log_file) if opts.log_file else opts.log_file,
         pidfile=os.path.abspath(opts.pidfile) if opts.pidfile else opts.pidfile,
     )
-    if opts.log_file is not None:
-        # Checked here, in the caller, so that a FIFO or a directory is a one-line error
-        # and never a daemon stuck in open(); the daemon opens it the same way again.
-        try:
-            os.close(open_log_file(opts.log_file))
-        except OSError as exc:
-            raise UserError(f"cannot open log file: {exc.strerror or exc}") from None
     image = os.path.abspath(ns.image)
     overlay_base: str | None = None
     if ns.overlay:
@@ -228,6 +225,19 @@ def _build_config(ns: argparse.Namespace) -> MountConfig:
         log.warning("ignoring -N %s: qedfuse mounts in its own mount namespace", ns.mount8_ns)
     systemd = bool(ns.systemd)
     pidfile = ns.pidfile or opts.pidfile
+    _check_own_files(
+        image,
+        overlay_base,
+        [os.path.abspath(ns.mountpoint), mountpoint],
+        {"log file": opts.log_file, "pidfile": os.path.abspath(pidfile) if pidfile else None},
+    )
+    if opts.log_file is not None:
+        # Checked here, in the caller, so that a FIFO or a directory is a one-line error
+        # and never a daemon stuck in open(); the daemon opens it the same way again.
+        try:
+            os.close(open_log_file(opts.log_file))
+        except OSError as exc:
+            raise UserError(f"cannot open log file: {exc.strerror or exc}") from None
     return MountConfig(
         image_path=image,
         mountpoint=mountpoint,
@@ -239,6 +249,51 @@ def _build_config(ns: argparse.Namespace) -> MountConfig:
         pidfile=os.path.abspath(pidfile) if pidfile else None,
         overlay_base=overlay_base,
     )
+
+
+#: A pidfile qedfuse may replace holds a pid: a few digits and a newline.
+_PIDFILE_MAX_BYTES = 32
+
+
+def _check_own_files(
+    image: str, overlay_base: str | None, mountpoints: list[str], files: dict[str, str | None]
+) -> None:
+    """The daemon's own files (log, pidfile) are never an image it serves, a file of its
+    backing chain, or a path inside its own mount point (opening that from the daemon would
+    wait on the daemon itself); an existing pidfile must look like one (it is replaced)."""
+    served = _served_identities(overlay_base or image)
+    for what, path in files.items():
+        if path is None:
+            continue
+        if any(path == mnt or path.startswith(mnt.rstrip("/") + "/") for mnt in mountpoints):
+            raise MountError(f"the {what} {path} is inside the mount point; put it elsewhere")
+        if overlay_base is not None and os.path.abspath(path) == image:
+            raise MountError(f"the {what} {path} is the overlay to create")
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue  # created by the daemon (a missing directory is its one-line error)
+        if (st.st_dev, st.st_ino) in served:
+            raise MountError(f"the {what} {path} is the image or one of its backing files")
+        if what == "pidfile" and (not stat.S_ISREG(st.st_mode) or st.st_size > _PIDFILE_MAX_BYTES):
+            raise MountError(
+                f"the pidfile {path} exists and is not a pidfile; refusing to replace it"
+            )
+
+
+def _served_identities(image: str) -> set[tuple[int, int]]:
+    """(st_dev, st_ino) of the image and of every backing file it names that can be found."""
+    from qedfuse.opening import backing_chain
+
+    paths = [image]
+    with contextlib.suppress(QedError, OSError):
+        paths = [path for path, _ in trio.run(backing_chain, image)]
+    out: set[tuple[int, int]] = set()
+    for path in paths:
+        with contextlib.suppress(OSError):
+            st = os.stat(path)
+            out.add((st.st_dev, st.st_ino))
+    return out
 
 
 def mount_main(ns: argparse.Namespace) -> int:

@@ -202,8 +202,14 @@ def timeout_arg(text: str) -> float:
     return seconds
 
 
+#: The largest uid/gid: uid_t is 32 bits and (uid_t)-1 means "no id".
+MAX_ID: Final = (1 << 32) - 2
+
+
 def _id(key: str, value: str) -> int:
     if _UNSIGNED_RE.fullmatch(value):
+        if int(value) > MAX_ID:
+            raise OptionError(f"mount option '{key}={value}': expected an id from 0 to {MAX_ID}")
         return int(value)
     try:
         if key == "uid":

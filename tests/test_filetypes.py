@@ -828,3 +828,54 @@ def test_mount_log_may_be_dev_null(tmp_path: Path) -> None:
     with mounted(image, tmp_path / "mnt", "-o", "log=/dev/null") as m:
         assert m.raw.stat().st_size == MiB
         assert m.raw.read_bytes() == bytes(MiB)
+
+
+@pytest.mark.parametrize(
+    ("option", "target"),
+    [
+        ("--pidfile", "image"),
+        ("pidfile=", "image"),
+        ("log=", "image"),
+        ("--pidfile", "backing"),
+        ("log=", "backing"),
+        ("--pidfile", "inside-mount"),
+        ("log=", "inside-mount"),
+        ("--pidfile", "not-a-pidfile"),
+        ("--pidfile", "overlay"),
+        ("log=", "overlay"),
+    ],
+)
+def test_the_daemons_own_files_never_touch_what_it_serves(
+    tmp_path: Path, option: str, target: str
+) -> None:
+    """A pidfile naming the image replaced it with a pid, then deleted it at unmount; a
+    pidfile or log inside the mount point deadlocked the daemon on its own mount (an outside
+    review).  Each is a one-line refusal before anything starts; nothing changes."""
+    base = tmp_path / "base.raw"
+    base.write_bytes(b"b" * MiB)
+    image = tmp_path / "top.qed"
+    check_ok(in_process(["create", "-b", "base.raw", "-F", "raw", os.fspath(image)])[0])
+    other = tmp_path / "data.bin"
+    other.write_bytes(b"d" * 4096)
+    mnt = _mnt(tmp_path)
+    overlay = tmp_path / "new-overlay.qed"
+    path = {
+        "image": image,
+        "backing": base,
+        "inside-mount": Path(mnt) / "f",
+        "not-a-pidfile": other,
+        "overlay": overlay,
+    }[target]
+    args = [QEDFUSE, "mount", os.fspath(image), mnt]
+    if target == "overlay":
+        args += ["--overlay", os.fspath(overlay)]
+    args += [option, os.fspath(path)] if option.startswith("--") else ["-o", f"{option}{path}"]
+    before = snapshot(tmp_path)
+    try:
+        cp, elapsed = bounded(args)
+        line = assert_refused(cp, elapsed)
+        assert str(path) in line, line
+        assert mount_entry(mnt) is None
+        assert snapshot(tmp_path) == before  # nothing created, replaced or deleted
+    finally:
+        kill_strays(tmp_path)

@@ -71,3 +71,18 @@ def test_ascii_numbers_still_work(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert cli.main(["create", image, "12M", "-o", "cluster_size=64k,table_size=0x4"]) == 0
     assert cli.main(["resize", image, "24M"]) == 0
     assert cli.main(["list", "--timeout", "0.5"]) == 0
+
+
+@pytest.mark.parametrize("value", ["4294967295", "4294967296", "99999999999999999999"])
+@pytest.mark.parametrize("key", ["uid", "gid"])
+def test_ids_fit_uid_t(
+    tmp_path: Path, key: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An id past uid_t mounted, then failed every getattr (an outside review)."""
+    image = tmp_path / "n.qed"
+    assert cli.main(["create", str(image), "1M"]) == 0
+    capsys.readouterr()
+    assert cli.main(["mount", str(image), str(tmp_path), "-o", f"{key}={value}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "expected an id from 0 to 4294967294" in err[0], err
