@@ -30,7 +30,8 @@ from qedfuse.l2cache import (
     L2Cache,
     L2Table,
     bad_of,
-    validate_l2,
+    nonzero_pages,
+    validate_l2_steps,
 )
 from qedfuse.tables import read_table, read_table_bytes
 
@@ -103,12 +104,20 @@ class ClusterMap:
 
     # ------------------------------------------------------------------ trust
 
-    def _validate_l2(self, entries: array[int]) -> BadSet:
+    async def _validate_l2(self, entries: array[int]) -> BadSet:
         """Indices of invalid data entries in an L2 table read from disk for the first time
-        (:func:`~qedfuse.l2cache.validate_l2`); too many contested clusters stop writes."""
+        (:func:`~qedfuse.l2cache.validate_l2`), letting other requests run within a large
+        table; too many contested clusters stop writes."""
         contested = self._contested
         had_room = len(contested) < MAX_CONTESTED
-        bad = validate_l2(entries, self.geometry, self.open_end, self._used, contested)
+        steps = validate_l2_steps(entries, self.geometry, self.open_end, self._used, contested)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                bad: BadSet = done.value
+                break
+            await trio.lowlevel.checkpoint()
         if had_room and len(contested) == MAX_CONTESTED and not self.read_only:
             # Too many to remember: refuse every write instead (memory bound).
             self._on_bad(f"over {MAX_CONTESTED} clusters are mapped twice")
@@ -142,7 +151,7 @@ class ClusterMap:
             if offset in self._checked_l2:
                 bad = bad_of(entries, self._checked_l2[offset])
             else:
-                bad = self._validate_l2(entries)
+                bad = await self._validate_l2(entries)
                 self._remember(offset, bad)
             if bad:
                 self._report_bad(offset, bad)
@@ -187,7 +196,11 @@ class ClusterMap:
                 continue
             running = self._survey_running = trio.Event()
             try:
-                for index, offset in list(enumerate(self.l1.entries)):
+                entries = self.l1.entries[:]  # a copy: L1 may change while the survey waits
+                for index in (
+                    i for start, stop in nonzero_pages(entries) for i in range(start, stop)
+                ):
+                    offset = entries[index]
                     if offset and index not in self.l1.bad and offset not in self._checked_l2:
                         await self._survey_table(offset)
                         # a long survey (a hostile L1 names many tables) never stops the
@@ -211,7 +224,7 @@ class ClusterMap:
             if offset not in self._checked_l2:
                 entries = fmt.decode_table(raw)
                 del raw
-                bad = self._validate_l2(entries)
+                bad = await self._validate_l2(entries)
                 self._remember(offset, bad)
                 if bad:
                     # What the survey finds stops writes as a load would (the guest range

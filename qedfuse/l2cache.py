@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import mmap
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
@@ -165,7 +165,7 @@ def compact(bad: IndexSet) -> BadSet:
 def bad_of(entries: array[int], indices: Iterable[int] | None) -> BadSet:
     """The indices among ``indices`` (None: all) whose entries map a data cluster (> 1)."""
     found = IndexSet(len(entries))
-    for start, stop in _nonzero_pages(entries) if indices is None else ():
+    for start, stop in nonzero_pages(entries) if indices is None else ():
         for i in range(start, stop):
             if entries[i] > 1:
                 found.add(i)
@@ -178,7 +178,7 @@ def bad_of(entries: array[int], indices: Iterable[int] | None) -> BadSet:
 _CHUNK_ENTRIES: Final = 128 * PAGE_ENTRIES  # 512 KiB of table
 
 
-def _nonzero_pages(entries: array[int]) -> Iterator[tuple[int, int]]:
+def nonzero_pages(entries: array[int]) -> Iterator[tuple[int, int]]:
     """(start, stop) of each 4 KiB page of ``entries`` that holds a non-zero entry (the
     all-zero pages of a sparse table are skipped in C, not entry by entry)."""
     view = memoryview(entries).cast("B")
@@ -214,7 +214,7 @@ def validate_l1(
     starts = ClusterBitmap(used.n_clusters, cbits)  # clusters where a named table starts
     twice = ClusterBitmap(used.n_clusters, cbits)  # ... and where two or more do
     try:
-        for start, stop in _nonzero_pages(l1):
+        for start, stop in nonzero_pages(l1):
             for index in range(start, stop):
                 offset = l1[index]
                 if offset == 0:
@@ -231,7 +231,7 @@ def validate_l1(
         # one exactly when one starts less than a table's length before or after it.
         # Overlapping tables are still L2 metadata, so a data entry pointing into one must
         # be refused too: every named table's clusters are marked.
-        for start, stop in _nonzero_pages(l1):
+        for start, stop in nonzero_pages(l1):
             for index in range(start, stop):
                 offset = l1[index]
                 if offset == 0 or index in bad:
@@ -250,6 +250,39 @@ def validate_l1(
     return compact(bad)
 
 
+#: Entries a table's validation checks between two chances for other requests to run.
+STEP_ENTRIES: Final = 16 * PAGE_ENTRIES
+
+
+def validate_l2_steps(
+    entries: array[int],
+    geometry: fmt.Geometry,
+    open_end: int,
+    used: ClusterBitmap,
+    contested: set[int],
+) -> Generator[None, None, BadSet]:
+    """:func:`validate_l2` in steps: yields after every :data:`STEP_ENTRIES` non-zero
+    entries, so an async caller lets other requests run within a hostile 2M-entry table;
+    returns the bad entries."""
+    mask = geometry.cluster_size - 1
+    low = geometry.header_end_offset
+    high = open_end
+    bad = IndexSet(len(entries))
+    since_yield = 0
+    for start, stop in nonzero_pages(entries):
+        for i in range(start, stop):
+            e = entries[i]
+            if e > 1 and (e & mask or e < low or e >= high or used.test_and_set(e)):
+                bad.add(i)
+                if not e & mask and low <= e < high and len(contested) < MAX_CONTESTED:
+                    contested.add(e)  # the other mapping of it is bad as well
+        since_yield += stop - start
+        if since_yield >= STEP_ENTRIES:
+            since_yield = 0
+            yield
+    return compact(bad)
+
+
 def validate_l2(
     entries: array[int],
     geometry: fmt.Geometry,
@@ -264,18 +297,13 @@ def validate_l2(
     keeps it).  Valid entries are marked in ``used``; a cluster mapped twice is added to
     ``contested`` (up to :data:`MAX_CONTESTED`).  All-zero pages cost a byte count in C.
     """
-    mask = geometry.cluster_size - 1
-    low = geometry.header_end_offset
-    high = open_end
-    bad = IndexSet(len(entries))
-    for start, stop in _nonzero_pages(entries):
-        for i in range(start, stop):
-            e = entries[i]
-            if e > 1 and (e & mask or e < low or e >= high or used.test_and_set(e)):
-                bad.add(i)
-                if not e & mask and low <= e < high and len(contested) < MAX_CONTESTED:
-                    contested.add(e)  # the other mapping of it is bad as well
-    return compact(bad)
+    steps = validate_l2_steps(entries, geometry, open_end, used, contested)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            result: BadSet = done.value
+            return result
 
 
 class L2Table:
@@ -390,6 +418,8 @@ __all__ = [
     "L2Table",
     "bad_of",
     "compact",
+    "nonzero_pages",
     "validate_l1",
     "validate_l2",
+    "validate_l2_steps",
 ]

@@ -198,3 +198,48 @@ async def test_overlap_detection_is_exact() -> None:
             for k in range(ts):
                 assert used.test(entries[i] + k * cs)
         used.close()
+
+
+@pytest.mark.expect_log(r"has \d+ invalid entries", r"entering failsafe mode")
+async def test_reads_go_on_within_one_hostile_table(tmp_path: Path) -> None:
+    """One 16 MiB L2 table whose 2M entries all map one cluster: checking it takes about a
+    second of Python, and reads elsewhere are served during it, not after it."""
+    cs, ts = MiB, 16
+    path = tmp_path / "fat.qed"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    file = FileImage(fd, read_only=False)
+    header = await create_image(file, 1 << 50, cluster_size=cs, table_size=ts)
+    end = os.fstat(fd).st_size
+    table_bytes = cs * ts
+    os.pwrite(fd, end.to_bytes(8, "little"), header.l1_table_offset)
+    data_cluster = end + table_bytes
+    os.pwrite(fd, data_cluster.to_bytes(8, "little") * (table_bytes // 8), end)
+    os.ftruncate(fd, data_cluster + cs)
+    await file.aclose()
+
+    img = await open_image(FileImage.open(path, read_only=False))
+    reads_during_survey = 0
+
+    async def reader() -> None:
+        nonlocal reads_during_survey
+        await trio.lowlevel.checkpoint()
+        elsewhere = cs * (table_bytes // 8)  # the second L1 entry's range: unallocated
+        while not img._map.surveyed:
+            assert await img.read(elsewhere, 4096) == bytes(4096)
+            reads_during_survey += 1
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_write_refused, img)
+        nursery.start_soon(reader)
+    assert reads_during_survey >= 10, reads_during_survey
+    await img.close()
+
+
+async def _write_refused(img: object) -> None:
+    from qedfuse.engine import QedImage
+    from qedfuse.errors import FailsafeError
+
+    assert isinstance(img, QedImage)
+    with pytest.raises(FailsafeError):
+        await img.write(0, b"w" * 4096)
