@@ -97,6 +97,7 @@ from qedfuse import format as fmt
 from qedfuse.checkreport import CheckReport, plural
 from qedfuse.errors import QedError, ReadOnlyError
 from qedfuse.tables import (
+    MAX_FILE_CLUSTERS,
     PAGE_ENTRIES,
     page_runs,
     read_header,
@@ -108,9 +109,9 @@ from qedfuse.tables import (
 if TYPE_CHECKING:
     from qedfuse.imagefile import BlockFile
 
-#: Largest number of file clusters the checker accepts (a bitmap of up to 256 MiB of
-#: address space, resident only where clusters are referenced).
-MAX_CLUSTERS: Final = 2**31
+#: Largest number of file clusters the checker accepts: the engine's limit
+#: (:data:`qedfuse.tables.MAX_FILE_CLUSTERS`), so whatever it opens, a check can repair.
+MAX_CLUSTERS: Final = MAX_FILE_CLUSTERS
 #: Cap on recorded findings; further ones are counted but not described.
 MAX_MESSAGES: Final = 1000
 #: Cap on duplicate references copied in one run (each costs one new cluster and 24

@@ -22,16 +22,13 @@ from typing import TYPE_CHECKING, Final
 
 from qedfuse.errors import LimitError
 from qedfuse.records import StatsRecord
-from qedfuse.tables import PAGE_ENTRIES
+from qedfuse.tables import MAX_FILE_CLUSTERS, PAGE_ENTRIES
 
 if TYPE_CHECKING:
     from array import array
 
     from qedfuse import format as fmt
 
-#: Largest image file (in clusters) the engine tracks: its bitmap is then 512 MiB of address
-#: space (16 TiB files with 4 KiB clusters, 256 TiB with 64 KiB).
-MAX_FILE_CLUSTERS: Final = 1 << 32
 #: Host clusters mapped twice that the engine remembers; past this it refuses every write.
 MAX_CONTESTED: Final = 65536
 

@@ -27,6 +27,12 @@ if TYPE_CHECKING:
 
 #: Table entries per 4 KiB page: the unit of dirty tracking and of partial table writes.
 PAGE_ENTRIES: Final = 512
+#: Largest image file, in clusters, that the engine opens and the checker checks: both keep
+#: one bit per cluster of the file (at most 128 MiB, resident only where tables reference
+#: clusters), so a hostile image stays within the 256 MiB memory bound, and the same limit in
+#: both means every image the engine opens is one a check can repair (4 TiB files with 4 KiB
+#: clusters, 64 TiB with 64 KiB).
+MAX_FILE_CLUSTERS: Final = 1 << 30
 #: Bytes of one table page.
 PAGE_SIZE: Final = PAGE_ENTRIES * 8
 

@@ -605,3 +605,33 @@ async def test_files_too_large_to_track_are_refused_in_one_line(
         return
     with pytest.raises(LimitError, match=r"^image file too large: [^\n]*$"):
         await open_image(file, read_only=True)
+
+
+@pytest.mark.parametrize("cs", [4096, 8192])  # files of 4 and 8 TiB: ext4 holds 16 TiB
+async def test_engine_and_checker_share_one_file_size_limit(tmp_path: Path, cs: int) -> None:
+    """The engine accepted files the checker refused (2^32 vs 2^31 clusters), so a crash
+    made an image nothing could repair (an outside review).  One limit now: a file one
+    cluster over it is refused by both, with one line each; one at it opens."""
+    from qedfuse.check import check_image
+    from qedfuse.errors import LimitError
+    from qedfuse.tables import MAX_FILE_CLUSTERS
+
+    for n_clusters, opens in ((MAX_FILE_CLUSTERS + 1, False), (MAX_FILE_CLUSTERS, True)):
+        path = tmp_path / f"big-{n_clusters}.qed"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        file = FileImage(fd, read_only=False)
+        size = min(1 << 40, fmt.Geometry(cs, 4).max_image_size)
+        await create_image(file, size, cluster_size=cs, table_size=4)
+        await file.aclose()
+        os.truncate(path, n_clusters * cs)  # a sparse trailing leak
+        if opens:
+            img = await open_image(FileImage.open(path, read_only=True), read_only=True)
+            await img.close()
+            continue
+        with pytest.raises(LimitError, match="too large") as info:
+            await open_image(FileImage.open(path, read_only=True), read_only=True)
+        assert "\n" not in str(info.value)
+        report = await check_image(FileImage.open(path, read_only=True))
+        assert report.check_errors == 1
+        assert "more than the checker's limit" in report.messages[0]
+        path.unlink()
