@@ -262,23 +262,43 @@ def _check_own_files(
     backing chain, or a path inside its own mount point (opening that from the daemon would
     wait on the daemon itself); an existing pidfile must look like one (it is replaced)."""
     served = _served_identities(overlay_base or image)
+    overlay = resolve_path(image).path if overlay_base is not None else None
     for what, path in files.items():
         if path is None:
             continue
-        if any(path == mnt or path.startswith(mnt.rstrip("/") + "/") for mnt in mountpoints):
+        # Symlinks anywhere in the path resolved (without a syscall into a hung mount), so
+        # that a link into the mount point or onto the overlay is seen for what it is.
+        real = resolve_path(path).path
+        inside = [p for p in (path, real) for mnt in mountpoints if _within(p, mnt)]
+        if inside:
             raise MountError(f"the {what} {path} is inside the mount point; put it elsewhere")
-        if overlay_base is not None and os.path.abspath(path) == image:
+        if overlay is not None and real == overlay:
             raise MountError(f"the {what} {path} is the overlay to create")
         try:
-            st = os.stat(path)
+            st = os.stat(real)
         except OSError:
             continue  # created by the daemon (a missing directory is its one-line error)
         if (st.st_dev, st.st_ino) in served:
             raise MountError(f"the {what} {path} is the image or one of its backing files")
-        if what == "pidfile" and (not stat.S_ISREG(st.st_mode) or st.st_size > _PIDFILE_MAX_BYTES):
+        if what == "pidfile" and not _is_pidfile(real, st):
             raise MountError(
                 f"the pidfile {path} exists and is not a pidfile; refusing to replace it"
             )
+
+
+def _within(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
+def _is_pidfile(path: str, st: os.stat_result) -> bool:
+    """A regular file holding a pid and a newline, as the daemon writes it."""
+    if not stat.S_ISREG(st.st_mode) or not 0 < st.st_size <= _PIDFILE_MAX_BYTES:
+        return False
+    try:
+        with open(path, "rb") as f:
+            return re.fullmatch(rb"[0-9]+\n?", f.read(_PIDFILE_MAX_BYTES + 1)) is not None
+    except OSError:
+        return False
 
 
 def _served_identities(image: str) -> set[tuple[int, int]]:

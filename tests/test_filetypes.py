@@ -843,6 +843,12 @@ def test_mount_log_may_be_dev_null(tmp_path: Path) -> None:
         ("--pidfile", "not-a-pidfile"),
         ("--pidfile", "overlay"),
         ("log=", "overlay"),
+        ("--pidfile", "link-into-mount"),
+        ("log=", "link-into-mount"),
+        ("pidfile=", "link-into-mount"),
+        ("--pidfile", "small-file"),
+        ("--pidfile", "empty-file"),
+        ("log=", "link-to-overlay"),
     ],
 )
 def test_the_daemons_own_files_never_touch_what_it_serves(
@@ -859,15 +865,25 @@ def test_the_daemons_own_files_never_touch_what_it_serves(
     other.write_bytes(b"d" * 4096)
     mnt = _mnt(tmp_path)
     overlay = tmp_path / "new-overlay.qed"
+    (tmp_path / "mnt-link").symlink_to("mnt")  # a way into the mount point
+    (tmp_path / "overlay-link").symlink_to("new-overlay.qed")  # dangling until created
+    small = tmp_path / "small.conf"
+    small.write_bytes(b"my-hostname\n")  # small, but no pid
+    empty = tmp_path / "empty"
+    empty.touch()
     path = {
         "image": image,
         "backing": base,
         "inside-mount": Path(mnt) / "f",
         "not-a-pidfile": other,
         "overlay": overlay,
+        "link-into-mount": tmp_path / "mnt-link" / "f",
+        "small-file": small,
+        "empty-file": empty,
+        "link-to-overlay": tmp_path / "overlay-link",
     }[target]
     args = [QEDFUSE, "mount", os.fspath(image), mnt]
-    if target == "overlay":
+    if target in ("overlay", "link-to-overlay"):
         args += ["--overlay", os.fspath(overlay)]
     args += [option, os.fspath(path)] if option.startswith("--") else ["-o", f"{option}{path}"]
     before = snapshot(tmp_path)
