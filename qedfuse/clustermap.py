@@ -30,7 +30,7 @@ from qedfuse.l2cache import (
     L2Cache,
     L2Table,
     bad_of,
-    nonzero_pages,
+    nonzero_indices,
     validate_l2_steps,
 )
 from qedfuse.tables import read_table, read_table_bytes
@@ -106,7 +106,7 @@ class ClusterMap:
 
     async def _validate_l2(self, entries: array[int]) -> BadSet:
         """Indices of invalid data entries in an L2 table read from disk for the first time
-        (:func:`~qedfuse.l2cache.validate_l2`), letting other requests run within a large
+        (:func:`~qedfuse.l2cache.validate_l2_steps`), letting other requests run within a large
         table; too many contested clusters stop writes."""
         contested = self._contested
         had_room = len(contested) < MAX_CONTESTED
@@ -197,9 +197,7 @@ class ClusterMap:
             running = self._survey_running = trio.Event()
             try:
                 entries = self.l1.entries[:]  # a copy: L1 may change while the survey waits
-                for index in (
-                    i for start, stop in nonzero_pages(entries) for i in range(start, stop)
-                ):
+                for index in nonzero_indices(entries):
                     offset = entries[index]
                     if offset and index not in self.l1.bad and offset not in self._checked_l2:
                         await self._survey_table(offset)

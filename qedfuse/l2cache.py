@@ -8,7 +8,7 @@ writes them back.
   :class:`L2Cache` a bounded LRU of them in which dirty tables are pinned;
 * :class:`ClusterBitmap` marks every host cluster of the file as it was opened that is
   metadata or referenced data;
-* :func:`validate_l1` and :func:`validate_l2` decide which entries read from disk are
+* :func:`validate_l1` and :func:`validate_l2_steps` decide which entries read from disk are
   trusted, marking the clusters of the valid ones in the bitmap (see the engine's "Safety").
 """
 
@@ -162,11 +162,7 @@ def compact(bad: IndexSet) -> BadSet:
 def bad_of(entries: array[int], indices: Iterable[int] | None) -> BadSet:
     """The indices among ``indices`` (None: all) whose entries map a data cluster (> 1)."""
     found = IndexSet(len(entries))
-    for start, stop in nonzero_pages(entries) if indices is None else ():
-        for i in range(start, stop):
-            if entries[i] > 1:
-                found.add(i)
-    for i in indices or ():
+    for i in nonzero_indices(entries) if indices is None else indices:
         if entries[i] > 1:
             found.add(i)
     return compact(found)
@@ -191,6 +187,12 @@ def nonzero_pages(entries: array[int]) -> Iterator[tuple[int, int]]:
                 yield start, stop
 
 
+def nonzero_indices(entries: array[int]) -> Iterator[int]:
+    """Indices of the entries on :func:`nonzero_pages` (zeros among them included)."""
+    for start, stop in nonzero_pages(entries):
+        yield from range(start, stop)
+
+
 def validate_l1(
     l1: array[int], geometry: fmt.Geometry, l1_offset: int, open_end: int, used: ClusterBitmap
 ) -> BadSet:
@@ -211,36 +213,34 @@ def validate_l1(
     starts = ClusterBitmap(used.n_clusters, cbits)  # clusters where a named table starts
     twice = ClusterBitmap(used.n_clusters, cbits)  # ... and where two or more do
     try:
-        for start, stop in nonzero_pages(l1):
-            for index in range(start, stop):
-                offset = l1[index]
-                if offset == 0:
-                    continue
-                if not geo.is_table_offset(offset, open_end) or (
-                    offset < l1_end and offset + table_bytes > l1_offset
-                ):
-                    bad.add(index)
-                elif starts.test_and_set(offset):
-                    twice.test_and_set(offset)
+        for index in nonzero_indices(l1):
+            offset = l1[index]
+            if offset == 0:
+                continue
+            if not geo.is_table_offset(offset, open_end) or (
+                offset < l1_end and offset + table_bytes > l1_offset
+            ):
+                bad.add(index)
+            elif starts.test_and_set(offset):
+                twice.test_and_set(offset)
         used.set_range(l1_offset >> cbits, span)
         # Two L1 entries whose tables overlap are both unusable: writing through one would
         # change the other's mappings.  Tables have one size, so another table overlaps this
         # one exactly when one starts less than a table's length before or after it.
         # Overlapping tables are still L2 metadata, so a data entry pointing into one must
         # be refused too: every named table's clusters are marked.
-        for start, stop in nonzero_pages(l1):
-            for index in range(start, stop):
-                offset = l1[index]
-                if offset == 0 or index in bad:
-                    continue
-                first = offset >> cbits
-                if (
-                    twice.test(offset)
-                    or starts.any_in(first - span + 1, first - 1)
-                    or starts.any_in(first + 1, first + span - 1)
-                ):
-                    bad.add(index)
-                used.set_range(first, span)
+        for index in nonzero_indices(l1):
+            offset = l1[index]
+            if offset == 0 or index in bad:
+                continue
+            first = offset >> cbits
+            if (
+                twice.test(offset)
+                or starts.any_in(first - span + 1, first - 1)
+                or starts.any_in(first + 1, first + span - 1)
+            ):
+                bad.add(index)
+            used.set_range(first, span)
     finally:
         starts.close()
         twice.close()
@@ -258,9 +258,15 @@ def validate_l2_steps(
     used: ClusterBitmap,
     contested: set[int],
 ) -> Generator[None, None, BadSet]:
-    """:func:`validate_l2` in steps: yields after every :data:`STEP_ENTRIES` non-zero
-    entries, so an async caller lets other requests run within a hostile 2M-entry table;
-    returns the bad entries."""
+    """Indices of invalid data entries in an L2 table read from disk for the first time.
+
+    Bad: misaligned, in the header, at or past the open-time end of the file (``open_end``),
+    in metadata, or a host cluster some other entry already maps (the first mapping seen
+    keeps it).  Valid entries are marked in ``used``; a cluster mapped twice is added to
+    ``contested`` (up to :data:`MAX_CONTESTED`).  All-zero pages cost a byte count in C.
+    A generator: it yields after every :data:`STEP_ENTRIES` non-zero entries, so an async
+    caller lets other requests run within a hostile 2M-entry table, and returns the bad
+    entries."""
     mask = geometry.cluster_size - 1
     low = geometry.header_end_offset
     high = open_end
@@ -278,29 +284,6 @@ def validate_l2_steps(
             since_yield = 0
             yield
     return compact(bad)
-
-
-def validate_l2(
-    entries: array[int],
-    geometry: fmt.Geometry,
-    open_end: int,
-    used: ClusterBitmap,
-    contested: set[int],
-) -> BadSet:
-    """Indices of invalid data entries in an L2 table read from disk for the first time.
-
-    Bad: misaligned, in the header, at or past the open-time end of the file (``open_end``),
-    in metadata, or a host cluster some other entry already maps (the first mapping seen
-    keeps it).  Valid entries are marked in ``used``; a cluster mapped twice is added to
-    ``contested`` (up to :data:`MAX_CONTESTED`).  All-zero pages cost a byte count in C.
-    """
-    steps = validate_l2_steps(entries, geometry, open_end, used, contested)
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            result: BadSet = done.value
-            return result
 
 
 class L2Table:
@@ -415,8 +398,8 @@ __all__ = [
     "L2Table",
     "bad_of",
     "compact",
+    "nonzero_indices",
     "nonzero_pages",
     "validate_l1",
-    "validate_l2",
     "validate_l2_steps",
 ]

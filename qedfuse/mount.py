@@ -261,7 +261,7 @@ def _check_own_files(
     """The daemon's own files (log, pidfile) are never an image it serves, a file of its
     backing chain, or a path inside its own mount point (opening that from the daemon would
     wait on the daemon itself); an existing pidfile must look like one (it is replaced)."""
-    served = _served_identities(overlay_base or image)
+    served: set[tuple[int, int]] | None = None  # read only when a given file exists
     overlay = resolve_path(image).path if overlay_base is not None else None
     for what, path in files.items():
         if path is None:
@@ -269,8 +269,7 @@ def _check_own_files(
         # Symlinks anywhere in the path resolved (without a syscall into a hung mount), so
         # that a link into the mount point or onto the overlay is seen for what it is.
         real = resolve_path(path).path
-        inside = [p for p in (path, real) for mnt in mountpoints if _within(p, mnt)]
-        if inside:
+        if any(_within(p, mnt) for p in (path, real) for mnt in mountpoints):
             raise MountError(f"the {what} {path} is inside the mount point; put it elsewhere")
         if overlay is not None and real == overlay:
             raise MountError(f"the {what} {path} is the overlay to create")
@@ -278,6 +277,8 @@ def _check_own_files(
             st = os.stat(real)
         except OSError:
             continue  # created by the daemon (a missing directory is its one-line error)
+        if served is None:
+            served = _served_identities(overlay_base or image)
         if (st.st_dev, st.st_ino) in served:
             raise MountError(f"the {what} {path} is the image or one of its backing files")
         if what == "pidfile" and not _is_pidfile(real, st):

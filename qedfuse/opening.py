@@ -3,8 +3,9 @@
 Everything that opens an image for a user goes through here, and nothing above this module
 names the concrete file class (:class:`~qedfuse.imagefile.FileImage`):
 
-* **Files** (:func:`open_block_file`, :func:`adopt_fd`): a regular file or a block device
-  only, through the I/O seam; never a FIFO, directory, socket or character device.
+* **Files** (:func:`open_locked`, :func:`open_output`, :func:`adopt_fd`): a regular file or
+  a block device only, through the I/O seam; never a FIFO, directory, socket or character
+  device.
 * **An engine on a file** (:func:`open_image`): when a read-write open finds NEED_CHECK set,
   check-and-repair runs first (as in QEMU), and corruptions a repair could not remove put
   the engine in failsafe (unlike QEMU: docs/qemu-differences.md#bug-j).
@@ -59,13 +60,6 @@ READ_ONLY_HINT: Final = "Mount it with -o ro to share it read-only."
 def _absolute(path: str) -> str:
     """``os.path.abspath``: string work and one ``getcwd``, never a wait on a disk."""
     return os.path.abspath(path)
-
-
-def open_block_file(
-    path: str, *, read_only: bool, growable: bool = False, threaded_io: bool = False
-) -> BlockFile:
-    """Open ``path`` (a regular file or a block device; ``growable``: a regular file only)."""
-    return FileImage.open(path, read_only=read_only, growable=growable, threaded_io=threaded_io)
 
 
 def open_output(path: str) -> OutputFile:
@@ -405,18 +399,19 @@ async def open_top(
     Without ``with_backing`` only the image itself is opened (like qemu-img's
     ``BDRV_O_NO_BACKING``), so ``info`` works on an overlay whose backing file is missing.
     """
-    check_path(path, writable=not read_only, growable=not read_only)
     mode = lock_mode or (LockMode.READ_ONLY if read_only else LockMode.READ_WRITE)
-    try:
-        if with_backing:
-            return await open_path(path, read_only=read_only, lock_mode=mode)
-        file = FileImage.open(path, read_only=read_only, growable=not read_only)
+    if not with_backing:
+        file = await open_locked(path, writable=not read_only, lock_mode=mode)
         try:
-            lock(file.fd, mode, path)
             return await open_image(file, read_only=read_only)
-        except BaseException:
+        except BaseException as exc:
             await file.aclose()
+            if isinstance(exc, (QedError, OSError)):
+                raise open_failed(path, exc) from exc
             raise
+    check_path(path, writable=not read_only, growable=not read_only)
+    try:
+        return await open_path(path, read_only=read_only, lock_mode=mode)
     except (QedError, OSError) as exc:
         hint = read_only and mode is LockMode.READ_ONLY
         raise open_failed(path, exc, hint_force_share=hint) from exc
@@ -570,7 +565,6 @@ __all__ = [
     "file_identity",
     "lock",
     "lock_backing_chain",
-    "open_block_file",
     "open_failed",
     "open_for_mount",
     "open_image",

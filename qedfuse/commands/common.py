@@ -193,21 +193,18 @@ def create_temp(dst: str, temp_path: str, like: os.stat_result) -> tuple[int, bo
     (``O_TMPFILE``), so a run killed even by SIGKILL leaves nothing behind; elsewhere it is
     created at ``temp_path`` (and removed by the caller on an error).
     """
-    named = False
     try:
-        fd = os.open(os.path.dirname(temp_path), os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        if exc.errno not in _NO_TMPFILE:
-            raise UserError(
-                f"{dst}: cannot create a temporary file beside it: {exc.strerror}"
-            ) from exc
         try:
+            directory = os.path.dirname(temp_path)
+            fd = os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+            named = False
+        except OSError as exc:
+            if exc.errno not in _NO_TMPFILE:
+                raise
             fd = os.open(temp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except OSError as exc2:
-            raise UserError(
-                f"{dst}: cannot create a temporary file beside it: {exc2.strerror}"
-            ) from exc2
-        named = True
+            named = True
+    except OSError as exc:
+        raise UserError(f"{dst}: cannot create a temporary file beside it: {exc.strerror}") from exc
     try:
         os.fchmod(fd, stat.S_IMODE(like.st_mode))
         if (like.st_uid, like.st_gid) != (os.getuid(), os.getgid()):

@@ -181,10 +181,9 @@ async def convert(
                             f"{dst}: holds {st.st_size} bytes but the image needs {size}, and "
                             "it cannot be replaced (its directory takes no new files)"
                         ) from exc
-            unnamed = temp_path is not None and not temp_named
-            if unnamed:
+            if temp_path is not None and not temp_named:
                 link_fd = os.dup(temp_fd)
-            out = adopt_fd(fd if temp_path is None else temp_fd, unnamed=unnamed)
+            out = adopt_fd(fd if temp_path is None else temp_fd, unnamed=link_fd >= 0)
             if in_place:
                 written = await _convert_to_device(source, out, progress)
             elif dst_format == "raw":
